@@ -1,0 +1,34 @@
+# Two commands do everything on a fresh machine:
+#   make demo   - creates .venv if missing, generates a replica case, runs the algorithm on it
+#   make test   - creates .venv if missing, runs the whole test suite (container test included)
+PY := .venv/bin/python
+STAMP := .venv/.installed
+
+.PHONY: setup demo test test-fast container-test benchmark clean
+
+$(STAMP): requirements.txt requirements-dev.txt
+	test -x $(PY) || python3 -m venv .venv
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements-dev.txt
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m training.demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q test
+	bash test/run_container.sh
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q test -m "not slow"
+
+container-test: $(STAMP)
+	bash test/run_container.sh
+
+benchmark: $(STAMP)
+	$(PY) -m algorithm.benchmark --config small --json build/benchmark.json
+
+clean:
+	rm -rf build demo_output test/cases .pytest_cache

@@ -1,0 +1,110 @@
+"""One configuration object for the whole data path.
+
+`ModelConfig` describes the network (it is stored inside every checkpoint, so a checkpoint always rebuilds
+the network it was trained with). `InferenceConfig` holds the run-time knobs of frame selection and
+post-processing. `Config` bundles both and is what every stage receives; nothing reads globals.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+# CLIP / FetalCLIP image normalisation (open_clip's OPENAI_DATASET_MEAN / STD).
+CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+
+# The challenge's sampling: 6 sweeps per stack, 0.28 mm square pixels.
+SWEEPS_PER_CASE = 6
+PIXEL_SPACING_MM = 0.28
+
+# Frame-quality classes of the frame head and of the ground-truth labels (mask value 1 = optimal,
+# 2 = suboptimal in the public release; the head orders them by quality instead).
+FRAME_NONE, FRAME_SUBOPTIMAL, FRAME_OPTIMAL = 0, 1, 2
+FRAME_CLASS_NAMES = ("none", "suboptimal", "optimal")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of FetalCLIPSEG: open_clip ViT encoder + LoRA + UNETR decoder + frame head.
+
+    The default is FetalCLIP's visual tower (ViT-L/14 at 224 px). `small()` is the same architecture at
+    toy width/depth, for tests and CPU demos.
+    """
+
+    name: str = "fetalclip-vit-l14"
+    image_size: int = 224
+    patch_size: int = 14
+    width: int = 1024
+    layers: int = 24
+    heads: int = 16
+    mlp_ratio: float = 4.0
+    embed_dim: int = 768  # CLIP joint embedding size (the projection is kept only for checkpoint fidelity)
+    # 1-based indices of the transformer blocks whose tokens feed the decoder (paper: 6, 8, 12, 24 of 24).
+    skip_layers: tuple[int, ...] = (6, 8, 12, 24)
+    decoder_filters: int = 32
+    mask_classes: int = 2  # background, abdomen
+    frame_classes: int = 3  # none, suboptimal, optimal
+    lora_rank: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.1
+    # `attn` (the whole nn.MultiheadAttention) rather than `out_proj`: LoRA on out_proj alone is ignored
+    # because MultiheadAttention reads out_proj.weight directly in its fused kernel.
+    lora_targets: tuple[str, ...] = ("c_fc", "c_proj", "attn")
+    use_lora: bool = True
+    # The published FetalCLIPSEG code runs the encoder under torch.no_grad(), so its LoRA never trains.
+    # True reproduces that (training mode `paper`); our weights use False.
+    encoder_no_grad: bool = False
+
+    @classmethod
+    def small(cls) -> "ModelConfig":
+        """Same architecture, 4 layers of width 128: seconds per case on a CPU."""
+        return cls(name="fetalclip-small", width=128, layers=4, heads=4, embed_dim=128,
+                   skip_layers=(1, 2, 3, 4), decoder_filters=16)
+
+    @property
+    def grid_size(self) -> int:
+        return self.image_size // self.patch_size
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in known}
+        return cls(**kwargs)
+
+
+@dataclass(frozen=True)
+class InferenceConfig:
+    """Run-time settings of one case: batching, device, frame selection and mask post-processing."""
+
+    device: str = "auto"  # auto | cpu | cuda
+    batch_size: int = 32
+    amp: bool = True  # fp16/bf16 autocast on CUDA; always fp32 on CPU
+    sweeps: int = SWEEPS_PER_CASE
+    # A frame is a candidate when its predicted mask covers at least this fraction of the network input
+    # (the paper's 1 % rule: 501 of 224 x 224 pixels).
+    min_mask_fraction: float = 0.01
+    # Moving-average window (frames) applied to per-frame scores inside each sweep.
+    smoothing_window: int = 3
+    # Minimum smoothed class probability for a frame to count as optimal / suboptimal.
+    min_quality_probability: float = 0.5
+    mask_threshold: float = 0.5
+    # Coarse-to-fine search: encode every `coarse_stride`-th frame first, then refine around the best
+    # candidates of each sweep. 1 = dense scan of every frame.
+    coarse_stride: int = 1
+    refine_radius: int = 4
+    # Frames whose mean grey level is below this are probe lift-off and are never encoded.
+    liftoff_max_mean: float = 2.0
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
+
+    def replace(self, **inference_overrides: Any) -> "Config":
+        """A copy with some inference settings changed (the CLI's overrides)."""
+        return dataclasses.replace(self, inference=dataclasses.replace(self.inference, **inference_overrides))

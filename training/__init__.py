@@ -1,0 +1,1 @@
+"""Offline research side: replica data, metrics, training and test-set benchmarks. Imports algorithm/."""
