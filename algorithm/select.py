@@ -1,0 +1,117 @@
+"""Frame selection: from per-frame network outputs to the one frame on which the AC is measured.
+
+Each frame gets two numbers from the single forward pass: the frame head's class probabilities
+(none / suboptimal / optimal) and the fraction of the network input its mask covers. Selection is
+sweep-aware: scores are smoothed along time inside each sweep only (a sweep border is a probe jump, not a
+neighbour), frames whose mask is too small (the paper's 1 % rule) are never chosen, an optimal frame beats
+any suboptimal one, and -1 is returned when no frame qualifies.
+
+Frames that were not run through the network (lift-off frames, or frames skipped by a coarse search) carry
+NaN and are ignored by the smoothing rather than counted as zeros.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .config import FRAME_NONE, FRAME_OPTIMAL, FRAME_SUBOPTIMAL, InferenceConfig
+
+NO_FRAME = -1
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """The best frame of one sweep."""
+
+    sweep: int  # 0-based
+    frame: int
+    tier: int  # FRAME_OPTIMAL, FRAME_SUBOPTIMAL or FRAME_NONE (did not qualify)
+    score: float
+    mask_fraction: float
+
+    def to_dict(self) -> dict:
+        return {"sweep": self.sweep + 1, "frame": self.frame, "tier": int(self.tier),
+                "score": round(float(self.score), 4), "mask_fraction": round(float(self.mask_fraction), 4)}
+
+
+@dataclass(frozen=True)
+class Selection:
+    frame: int  # NO_FRAME when nothing qualifies
+    candidates: tuple[Candidate, ...]  # one per sweep
+    smoothed_probabilities: np.ndarray  # (N, 3)
+
+
+def sweep_bounds(n_frames: int, sweeps: int) -> list[tuple[int, int]]:
+    """[start, stop) of each sweep. Frame counts not divisible by `sweeps` are split as evenly as
+    possible, the first sweeps taking one frame more (np.array_split's rule)."""
+    if n_frames <= 0:
+        return []
+    sweeps = max(1, min(sweeps, n_frames))
+    edges = np.cumsum([0] + [len(part) for part in np.array_split(np.arange(n_frames), sweeps)])
+    return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
+
+
+def nan_moving_average(values: np.ndarray, window: int) -> np.ndarray:
+    """Centred moving average along axis 0 that skips NaNs; frames with no valid neighbour stay NaN."""
+    if window <= 1 or len(values) == 0:
+        return values.astype(np.float64, copy=True)
+    valid = ~np.isnan(values)
+    filled = np.where(valid, values, 0.0).astype(np.float64)
+    kernel = np.ones(window)
+    half = window // 2
+
+    def smooth(column: np.ndarray) -> np.ndarray:
+        return np.convolve(np.pad(column, (half, window - 1 - half)), kernel, mode="valid")
+
+    if values.ndim == 1:
+        sums, counts = smooth(filled), smooth(valid.astype(np.float64))
+    else:
+        sums = np.stack([smooth(filled[:, j]) for j in range(values.shape[1])], axis=1)
+        counts = np.stack([smooth(valid[:, j].astype(np.float64)) for j in range(values.shape[1])], axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(counts > 0, sums / np.maximum(counts, 1e-12), np.nan)
+
+
+def _best_in_sweep(sweep: int, start: int, stop: int, probs: np.ndarray, fractions: np.ndarray,
+                   config: InferenceConfig) -> Candidate:
+    """Highest-ranked frame of one sweep: tier first, then score, then mask size, then earliest frame."""
+    p_opt = probs[start:stop, FRAME_OPTIMAL]
+    p_abdomen = probs[start:stop, FRAME_OPTIMAL] + probs[start:stop, FRAME_SUBOPTIMAL]
+    area = fractions[start:stop]
+    big_enough = np.nan_to_num(area, nan=0.0) >= config.min_mask_fraction
+    threshold = config.min_quality_probability
+    optimal = big_enough & (np.nan_to_num(p_opt, nan=0.0) >= threshold)
+    suboptimal = big_enough & (np.nan_to_num(p_abdomen, nan=0.0) >= threshold)
+    tier = np.where(optimal, FRAME_OPTIMAL, np.where(suboptimal, FRAME_SUBOPTIMAL, FRAME_NONE))
+    score = np.where(tier == FRAME_OPTIMAL, p_opt, p_abdomen)
+    score = np.nan_to_num(score, nan=-1.0)
+    area_key = np.nan_to_num(area, nan=-1.0)
+    # lexsort sorts by the last key first; negative index makes ties go to the earliest frame.
+    order = np.lexsort((-np.arange(stop - start), area_key, score, tier))
+    best = int(order[-1])
+    return Candidate(sweep=sweep, frame=start + best, tier=int(tier[best]), score=float(score[best]),
+                     mask_fraction=float(max(area_key[best], 0.0)))
+
+
+def select_frame(frame_probabilities: np.ndarray, mask_fractions: np.ndarray,
+                 config: InferenceConfig) -> Selection:
+    """Choose the AC frame.
+
+    frame_probabilities: (N, 3) softmax of the frame head, NaN rows for frames not run.
+    mask_fractions: (N,) fraction of the network input covered by the predicted mask, NaN if not run.
+    """
+    probs = np.asarray(frame_probabilities, dtype=np.float64)
+    fractions = np.asarray(mask_fractions, dtype=np.float64)
+    if probs.ndim != 2 or probs.shape[1] != 3 or fractions.shape != (probs.shape[0],):
+        raise ValueError(f"expected (N, 3) probabilities and (N,) fractions, got {probs.shape}, {fractions.shape}")
+    smoothed = np.full_like(probs, np.nan)
+    candidates = []
+    for sweep, (start, stop) in enumerate(sweep_bounds(len(probs), config.sweeps)):
+        smoothed[start:stop] = nan_moving_average(probs[start:stop], config.smoothing_window)
+        candidates.append(_best_in_sweep(sweep, start, stop, smoothed, fractions, config))
+    qualified = [c for c in candidates if c.tier != FRAME_NONE]
+    if not qualified:
+        return Selection(NO_FRAME, tuple(candidates), smoothed)
+    best = max(qualified, key=lambda c: (c.tier, c.score, c.mask_fraction, -c.frame))
+    return Selection(best.frame, tuple(candidates), smoothed)
