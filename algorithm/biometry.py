@@ -1,0 +1,154 @@
+"""Abdominal circumference (AC) from a segmentation mask: the one ellipse fit of the project.
+
+The algorithm's outputs, frame selection, the replica generator and the evaluation all measure AC here, so
+a mask is measured the same way everywhere. The definitions follow the ACOUSLIC-AI evaluation:
+
+* the mask is restricted to the ultrasound field of view (FOV) first;
+* contour points on the FOV edge (and on the image edge) are dropped, because there the outline is the
+  border of the image, not the abdominal wall; the ellipse is fitted to the remaining, genuine part of
+  the outline, so a half-visible abdomen is extrapolated across the edge;
+* the fit is OpenCV's least-squares `cv2.fitEllipse` on contour pixel centres;
+* the perimeter is Ramanujan's approximation pi * (3(a + b) - sqrt((3a + b)(a + 3b))) of the semi-axes,
+  converted to mm with the 0.28 mm pixel spacing.
+
+Why `cv2.fitEllipse` and not `fitEllipseAMS` / `fitEllipseDirect`: on drawn ellipses (semi-axes 100-160 px)
+with 30-60 % of the outline cut off by a FOV edge, the three agree to within 0.1 % (all within 0.6 % of
+the true perimeter up to 50 % cut; Direct is marginally the worst), and on wobbly outlines none is
+consistently better. `fitEllipse` is what the challenge's scorer uses, so our AC equals the AC the
+leaderboard computes from the same mask.
+
+Where we deliberately differ from the official code: it traces every contour of the masked image (holes
+and separate blobs included), erases the pixels of the 1-px FOV outline, re-traces the remaining line
+drawing and fits its "largest" piece by contour area. We fit the outer contour of the largest connected
+component, and drop points within `edge_tolerance_px` of the FOV edge. For one clean blob the two give the
+same points; for masks with several blobs or holes ours measures the main blob only.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from algorithm.config import PIXEL_SPACING_MM
+
+# Contour points closer than this (Chebyshev distance, px) to a pixel outside the FOV / image are dropped.
+EDGE_TOLERANCE_PX = 2
+
+
+def ramanujan_perimeter(a: float, b: float) -> float:
+    """Perimeter of an ellipse with semi-axes `a`, `b`, by Ramanujan's approximation.
+
+    The closed form the challenge's scorer uses, pi * (3(a + b) - sqrt((3a + b)(a + 3b))) (Ramanujan's first
+    formula; relative error below 1e-5 for the axis ratios of fetal abdomens).
+    """
+    if a < 0 or b < 0:
+        raise ValueError(f"semi-axes must be non-negative, got {a}, {b}")
+    return math.pi * (3.0 * (a + b) - math.sqrt((3.0 * a + b) * (a + 3.0 * b)))
+
+
+@dataclass(frozen=True)
+class Ellipse:
+    """A fitted ellipse in pixel coordinates (x to the right, y down).
+
+    `axes` are FULL axis lengths in px, major first; `angle_deg` is the direction of the major axis in
+    degrees in [0, 180), measured like OpenCV's RotatedRect angle (from +x towards +y, i.e. clockwise on
+    screen). `to_cv()` gives the tuple `cv2.ellipse` draws.
+    """
+
+    center_xy: tuple[float, float]
+    axes: tuple[float, float]
+    angle_deg: float
+
+    @classmethod
+    def from_cv(cls, box: tuple) -> "Ellipse":
+        """From OpenCV's ((cx, cy), (width, height), angle), reordered so the major axis comes first."""
+        (cx, cy), (w, h), angle = box
+        if w < h:
+            w, h, angle = h, w, angle + 90.0
+        return cls((float(cx), float(cy)), (float(w), float(h)), float(angle) % 180.0)
+
+    def to_cv(self) -> tuple[tuple[float, float], tuple[float, float], float]:
+        return self.center_xy, self.axes, self.angle_deg
+
+    @property
+    def semi_axes(self) -> tuple[float, float]:
+        return self.axes[0] / 2.0, self.axes[1] / 2.0
+
+    @property
+    def perimeter_px(self) -> float:
+        return ramanujan_perimeter(*self.semi_axes)
+
+    def circumference_mm(self, spacing_mm: float = PIXEL_SPACING_MM) -> float:
+        return self.perimeter_px * spacing_mm
+
+    def to_dict(self) -> dict[str, object]:
+        """JSON-ready fields (lists, floats) plus the perimeter in px."""
+        return {"center_xy": list(self.center_xy), "axes": list(self.axes), "angle_deg": self.angle_deg,
+                "perimeter_px": self.perimeter_px}
+
+    def draw(self, shape: tuple[int, int], filled: bool = True, thickness: int = 1) -> np.ndarray:
+        """uint8 {0, 1} (H, W) raster of the ellipse (filled, or its outline of `thickness` px)."""
+        canvas = np.zeros(shape, dtype=np.uint8)
+        cv2.ellipse(canvas, self.to_cv(), 1, -1 if filled else thickness)
+        return canvas
+
+
+def _largest_outer_contour(mask: np.ndarray) -> np.ndarray | None:
+    """(N, 2) x, y points of the outer contour of the largest blob of a (padded) uint8 mask."""
+    contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    if not contours:
+        return None
+    # Area first; the point count breaks ties between degenerate (zero-area) lines and single pixels.
+    largest = max(contours, key=lambda c: (cv2.contourArea(c), len(c)))
+    return largest.reshape(-1, 2)
+
+
+def fit_ellipse(mask: np.ndarray, fov: np.ndarray | None = None,
+                edge_tolerance_px: int = EDGE_TOLERANCE_PX) -> Ellipse | None:
+    """Ellipse fitted to the outline of the largest blob of `mask` inside `fov`, FOV-edge points excluded.
+
+    `mask` is a 2-D (H, W) array, non-zero = abdomen; `fov` a same-shape boolean array (None = the whole
+    image, so only the image edge truncates). Returns None when the mask is empty inside the FOV, fewer
+    than 5 contour points remain off the edge, or the fit degenerates.
+    """
+    mask = np.asarray(mask)
+    if mask.ndim != 2:
+        raise ValueError(f"expected a 2-D mask, got shape {mask.shape}")
+    inside = np.ones(mask.shape, dtype=bool) if fov is None else np.asarray(fov, dtype=bool)
+    if inside.shape != mask.shape:
+        raise ValueError(f"FOV shape {inside.shape} does not match mask shape {mask.shape}")
+    blob = (mask != 0) & inside
+    if not blob.any():
+        return None
+
+    # A 1-px zero frame around everything makes the image edge an FOV edge like any other and keeps
+    # findContours off the image border.
+    blob = np.pad(blob, 1).astype(np.uint8)
+    outside = np.pad(~inside, 1, constant_values=True).astype(np.uint8)
+    points = _largest_outer_contour(blob)
+    if points is None:
+        return None
+    size = 2 * edge_tolerance_px + 1
+    near_edge = cv2.dilate(outside, np.ones((size, size), np.uint8)) > 0
+    points = points[~near_edge[points[:, 1], points[:, 0]]] - 1
+    if len(points) < 5:
+        return None
+
+    box = cv2.fitEllipse(points.astype(np.float32))
+    (cx, cy), (w, h), angle = box
+    if not all(math.isfinite(v) for v in (cx, cy, w, h, angle)) or min(w, h) <= 0:
+        return None
+    return Ellipse.from_cv(box)
+
+
+def circumference_mm(mask: np.ndarray, fov: np.ndarray | None = None,
+                     spacing_mm: float = PIXEL_SPACING_MM) -> float:
+    """AC in mm of `mask` (see `fit_ellipse`); 0.0 when no ellipse can be fitted.
+
+    0.0 rather than None keeps the value a float everywhere (CSV, JSON, tensors); any NAE against a
+    positive reference is then 1, the official penalty for a missing measurement.
+    """
+    ellipse = fit_ellipse(mask, fov)
+    return 0.0 if ellipse is None else ellipse.circumference_mm(spacing_mm)
