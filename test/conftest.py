@@ -1,0 +1,72 @@
+"""Shared fixtures: a randomly initialised small checkpoint and generated replica cases.
+
+Until trained weights exist, tests use a small FetalCLIPSEG with random weights saved in our checkpoint
+format: every contract property must hold whatever the network predicts.
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from algorithm.config import ModelConfig
+from algorithm.contract import INPUT_FOLDER
+
+REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
+
+
+@pytest.fixture(scope="session")
+def random_weights(tmp_path_factory) -> Path:
+    from algorithm.model.checkpoint import save_checkpoint
+    from algorithm.model.fetalclipseg import build_model
+
+    torch.manual_seed(0)
+    config = ModelConfig.small()
+    model = build_model(config)
+    path = tmp_path_factory.mktemp("weights") / "random_small.safetensors"
+    save_checkpoint(path, model, config, provenance="random initialisation for tests, not for clinical use")
+    return path
+
+
+def case_from_array(root: Path, array: np.ndarray, name: str = "case.mha", spacing=(0.28, 0.28, 1.0),
+                    vector: bool = False) -> Path:
+    """A grand-challenge style case folder holding `array` as its one image; returns the folder."""
+    folder = root / INPUT_FOLDER
+    folder.mkdir(parents=True, exist_ok=True)
+    image = sitk.GetImageFromArray(array, isVector=vector)
+    image.SetSpacing(spacing)
+    sitk.WriteImage(image, str(folder / name), useCompression=True)
+    return root
+
+
+def release_case_to_input(release: Path, uuid: str, root: Path) -> Path:
+    """Move one case of a release-layout folder into a grand-challenge /input layout."""
+    from training.layout import image_path
+
+    (root / INPUT_FOLDER).mkdir(parents=True, exist_ok=True)
+    shutil.copy(image_path(release, uuid), root / INPUT_FOLDER / f"{uuid}.mha")
+    return root
+
+
+@pytest.fixture(scope="session")
+def full_case(tmp_path_factory) -> tuple[Path, Path, str]:
+    """One full-size (840-frame) replica case: (input folder, release folder, uuid)."""
+    from training.phantom import write_dataset
+
+    base = tmp_path_factory.mktemp("full_case")
+    uuid = write_dataset(base / "release", cases=1, frames_per_sweep=140, seed=11)[0]
+    return release_case_to_input(base / "release", uuid, base / "input"), base / "release", uuid
+
+
+@pytest.fixture(scope="session")
+def small_case(tmp_path_factory) -> tuple[Path, Path, str]:
+    """One small replica case (6 sweeps x 12 frames): (input folder, release folder, uuid)."""
+    from training.phantom import write_dataset
+
+    base = tmp_path_factory.mktemp("small_case")
+    uuid = write_dataset(base / "release", cases=1, frames_per_sweep=12, seed=5)[0]
+    return release_case_to_input(base / "release", uuid, base / "input"), base / "release", uuid

@@ -1,0 +1,94 @@
+"""`python -m algorithm` end to end: the contract on generated cases, determinism, read-only input."""
+from __future__ import annotations
+
+import hashlib
+import json
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from algorithm.contract import OUTPUT_FRAME, OUTPUT_MASK
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args: str, check: bool = False) -> subprocess.CompletedProcess:
+    completed = subprocess.run([sys.executable, "-m", "algorithm", *args], cwd=REPO, capture_output=True,
+                               text=True, timeout=900)
+    if check and completed.returncode != 0:
+        raise AssertionError(f"exit {completed.returncode}: {completed.stderr[-2000:]}")
+    return completed
+
+
+def tree_digest(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def assert_contract(input_image: Path, output: Path) -> int:
+    """Every property grand-challenge relies on; returns the frame number."""
+    source = sitk.ReadImage(str(input_image))
+    image = sitk.ReadImage(str(output / OUTPUT_MASK))
+    mask = sitk.GetArrayFromImage(image)
+    assert image.GetPixelID() == sitk.sitkUInt8
+    assert image.GetSize() == source.GetSize()
+    assert image.GetSpacing() == pytest.approx(source.GetSpacing())
+    assert image.GetOrigin() == pytest.approx(source.GetOrigin())
+    assert image.GetDirection() == pytest.approx(source.GetDirection())
+    assert set(np.unique(mask)) <= {0, 1}
+    raw = (output / OUTPUT_FRAME).read_text()
+    frame = json.loads(raw)
+    assert isinstance(frame, int) and not isinstance(frame, bool)
+    assert -1 <= frame < mask.shape[0]
+    nonzero_frames = np.flatnonzero(mask.reshape(mask.shape[0], -1).any(axis=1))
+    if frame == -1:
+        assert nonzero_frames.size == 0
+    else:
+        assert set(nonzero_frames.tolist()) <= {frame}
+    assert not list(output.rglob("*.partial*"))
+    return frame
+
+
+def test_small_case_contract_and_extras(small_case, random_weights, tmp_path):
+    case, _, uuid = small_case
+    output = tmp_path / "out"
+    completed = run_cli("--input", str(case), "--output", str(output), "--weights", str(random_weights),
+                        "--device", "cpu", check=True)
+    frame = assert_contract(next((case / "images" / "stacked-fetal-ultrasound").glob("*.mha")), output)
+    result = json.loads((output / "fetalclipseg" / "result.json").read_text())
+    assert result["frame"] == frame
+    assert len(result["sweep_candidates"]) == 6
+    assert (output / "fetalclipseg" / "chosen_frame.png").stat().st_size > 1000
+    assert "not for clinical use" in completed.stderr
+
+
+def test_no_extras_writes_only_the_sockets(small_case, random_weights, tmp_path):
+    case, _, _ = small_case
+    run_cli("--input", str(case), "--output", str(tmp_path), "--weights", str(random_weights), "--device", "cpu",
+            "--no-extras", check=True)
+    files = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
+    assert files == [str(OUTPUT_FRAME), str(OUTPUT_MASK)]
+
+
+@pytest.mark.slow
+def test_full_case_contract_deterministic_and_input_untouched(full_case, random_weights, tmp_path):
+    """840 frames: exact contract, byte-identical outputs twice, /input unchanged, bounded memory."""
+    case, _, _ = full_case
+    before = tree_digest(case)
+    digests = []
+    for run in range(2):
+        output = tmp_path / f"out{run}"
+        run_cli("--input", str(case), "--output", str(output), "--weights", str(random_weights),
+                "--device", "cpu", "--no-extras", check=True)
+        assert_contract(next((case / "images" / "stacked-fetal-ultrasound").glob("*.mha")), output)
+        digests.append(tree_digest(output))
+    assert digests[0] == digests[1]
+    assert tree_digest(case) == before
+    peak_gib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
+    print(f"peak resident memory of one CPU run on an 840-frame case: {peak_gib:.2f} GiB")
+    assert peak_gib < 3.0
