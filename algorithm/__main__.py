@@ -11,11 +11,12 @@ import logging
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from . import __version__
-from .contract import check_writable, find_input_image, read_stack, write_outputs
+from .contract import Stack, check_writable, find_input_image, read_stack, write_outputs
 from .errors import AlgorithmError, WeightsError
 from .report import case_picture, write_png
 from .weights import resolve_weights
@@ -59,6 +60,30 @@ def load(weights_path: Path, overrides: dict):
         raise AlgorithmError(str(error)) from None
 
 
+def process_case(predictor, checkpoint: dict, stack: Stack, output: Path, extras: bool = True,
+                 progress: Callable[[int], None] | None = None):
+    """Predict one read stack and write its outputs (and, with `extras`, result.json and the picture).
+
+    The CLI and the test-set benchmark's local runner both call this, so their outputs are the same bytes.
+    Returns the `CaseResult` and the summary dict (its `timings_s` gains `write`).
+    """
+    result = predictor.predict(stack.array, progress=progress)
+    summary = {"input": str(stack.path), **result.summary(), "checkpoint": checkpoint,
+               "device": str(predictor.device)}
+    files = {}
+    if extras:
+        caption = f"frame {result.frame}" + (f"  AC {result.ac_mm:.1f} mm" if result.ac_mm else "")
+        picture = case_picture(stack.array, result.frame, result.mask, result.ellipse,
+                               result.scores.probabilities, result.scores.mask_fractions,
+                               predictor.config.inference.sweeps, caption)
+        files[EXTRAS_DIR / "chosen_frame.png"] = lambda path: write_png(path, picture)
+        files[EXTRAS_DIR / "result.json"] = lambda path: path.write_text(json.dumps(summary, indent=2) + "\n")
+    write_start = time.perf_counter()
+    write_outputs(output, stack, result.frame, result.mask, files)
+    summary["timings_s"]["write"] = round(time.perf_counter() - write_start, 3)
+    return result, summary
+
+
 def run(args: argparse.Namespace) -> dict:
     started = time.perf_counter()
     check_writable(args.output)
@@ -77,21 +102,9 @@ def run(args: argparse.Namespace) -> dict:
     with Progress(TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), disable=args.quiet or not sys.stderr.isatty(), transient=True) as bar:
         task = bar.add_task("frames", total=len(stack.array))
-        result = predictor.predict(stack.array, progress=lambda done: bar.advance(task, done))
-
-    summary = {"input": str(image_path), **result.summary(), "checkpoint": checkpoint, "device": str(predictor.device)}
+        result, summary = process_case(predictor, checkpoint, stack, args.output, extras=not args.no_extras,
+                                       progress=lambda done: bar.advance(task, done))
     summary["timings_s"]["read"] = round(read_seconds, 3)
-    extras = {}
-    if not args.no_extras:
-        caption = f"frame {result.frame}" + (f"  AC {result.ac_mm:.1f} mm" if result.ac_mm else "")
-        picture = case_picture(stack.array, result.frame, result.mask, result.ellipse,
-                               result.scores.probabilities, result.scores.mask_fractions,
-                               predictor.config.inference.sweeps, caption)
-        extras[EXTRAS_DIR / "chosen_frame.png"] = lambda path: write_png(path, picture)
-        extras[EXTRAS_DIR / "result.json"] = lambda path: path.write_text(json.dumps(summary, indent=2) + "\n")
-    write_start = time.perf_counter()
-    write_outputs(args.output, stack, result.frame, result.mask, extras)
-    summary["timings_s"]["write"] = round(time.perf_counter() - write_start, 3)
     summary["timings_s"]["total"] = round(time.perf_counter() - started, 3)
     for candidate in result.selection.candidates:
         log.info("sweep %d: best frame %d (tier %d, score %.3f, mask %.1f %%)", candidate.sweep + 1,
@@ -99,7 +112,7 @@ def run(args: argparse.Namespace) -> dict:
     ac = f"{result.ac_mm:.1f} mm" if result.ac_mm else "n/a"
     log.info("chosen frame %d (%s), AC %s, %d/%d frames encoded, %.1f s", result.frame, summary["plane"], ac,
              result.frames_encoded, len(stack.array), summary["timings_s"]["total"])
-    if extras:
+    if not args.no_extras:
         log.info("picture: %s", args.output / EXTRAS_DIR / "chosen_frame.png")
     return summary
 
