@@ -17,9 +17,11 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m training.demo
 
+# The container test runs first: it builds the image from this tree, which the docker runner test of
+# test/test_benchmark.py then compares with the local runner.
 test: $(STAMP)
-	$(PY) -m pytest -q test
 	bash test/run_container.sh
+	$(PY) -m pytest -q test
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q test -m "not slow"
