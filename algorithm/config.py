@@ -93,11 +93,24 @@ class InferenceConfig:
     min_quality_probability: float = 0.5
     mask_threshold: float = 0.5
     # Coarse-to-fine search: encode every `coarse_stride`-th frame first, then refine around the best
-    # candidates of each sweep. 1 = dense scan of every frame.
-    coarse_stride: int = 1
+    # candidates of each sweep. 1 = dense scan of every frame; 0 = auto: dense on CUDA, every
+    # `cpu_coarse_stride`-th frame on the CPU (see algorithm/inference.py).
+    coarse_stride: int = 0
+    cpu_coarse_stride: int = 8
     refine_radius: int = 4
+    refine_candidates: int = 2  # frames per sweep around which the coarse search refines
     # Frames whose mean grey level is below this are probe lift-off and are never encoded.
     liftoff_max_mean: float = 2.0
+    # --- speed (issue 7; measured in `python -m algorithm.benchmark`)
+    merge_lora: bool = True  # fold LoRA into the encoder weights at load: plain fused kernels, same outputs
+    # Run the mask decoder only on frames that can be chosen (smoothed P(abdomen) may reach
+    # `min_quality_probability`); the frame choice is the same as decoding all. auto: on the CPU only.
+    lazy_decoder: str = "auto"  # auto | on | off
+    # CPU matmul precision: auto = bf16 where the CPU has AMX / AVX512-BF16 units, else fp32.
+    cpu_precision: str = "auto"  # auto | fp32 | bf16
+    threads: int = 0  # torch CPU threads; 0 = torch's default (one per physical core)
+    compile: bool = False  # torch.compile the encoder and decoder (minutes of warm-up; GPU only pays off)
+    prefetch: bool = True  # a background thread prepares the next batch (pinned memory on CUDA)
 
 
 @dataclass(frozen=True)

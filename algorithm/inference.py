@@ -2,27 +2,60 @@
 
 `Predictor` holds a loaded model and the configuration; `predict(stack)` returns everything a caller may
 want to write or show. Reading and writing files is the CLI's and `contract`'s job, not this module's.
+
+Speed (issue 7; `python -m algorithm.benchmark` measures every item against the paper-style reference):
+
+* LoRA is merged into the encoder weights at load (`InferenceConfig.merge_lora`). peft's adapter on
+  `nn.MultiheadAttention` re-merges and unmerges the attention weights on every call and its Linear
+  adapters add two small matmuls each; merged, the encoder is plain open_clip, whose attention goes through
+  PyTorch's fused `_native_multi_head_attention` / `scaled_dot_product_attention` kernels. Same outputs.
+* Frames are encoded in batches under `torch.inference_mode`; on CUDA with fp16 (bf16 where supported)
+  autocast, channels-last convolutions, cuDNN autotuning, pinned host memory and no host synchronisation
+  until the end of the case; on CPUs with AMX / AVX512-BF16 units in bf16 (`cpu_precision`).
+* A background thread cuts and copies the next batch out of the stack while the current one computes.
+* Lazy decoder (`lazy_decoder`, on by default on the CPU): selection can only choose a frame whose
+  smoothed P(abdomen) reaches `min_quality_probability`, and a smoothed value reaches it only if some frame
+  of its smoothing window does. So the mask decoder runs only on frames with such a neighbour; the others
+  keep a NaN mask fraction. The chosen frame is exactly the one a full decode gives.
+* Coarse-to-fine search (`coarse_stride` > 1, the CPU default): encode every k-th non-lift-off frame of each
+  sweep, then encode the +-`refine_radius` neighbourhood of the best `refine_candidates` frames of every
+  sweep, and repeat while the best frames move (a run of abdomen frames is followed to its best frame).
+  Lift-off frames are never encoded.
 """
 from __future__ import annotations
 
 import logging
+import math
+import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 
 from . import biometry
-from .config import FRAME_NONE, FRAME_OPTIMAL, Config
+from .config import FRAME_NONE, FRAME_OPTIMAL, FRAME_SUBOPTIMAL, Config, InferenceConfig
 from .fov import fov_from_stack
 from .postprocess import abdomen_probability, clean_mask
 from .preprocess import preprocess_frames
-from .select import NO_FRAME, Selection, select_frame
+from .select import NO_FRAME, Selection, nan_moving_average, select_frame, sweep_bounds
 
 log = logging.getLogger(__name__)
+
+# Refinement rounds of the coarse-to-fine search after the coarse pass (each follows the best frames of
+# every sweep by up to `refine_radius` frames). Enough to walk along the longest annotated runs.
+MAX_REFINE_ROUNDS = 4
+# The coarse search refines only around frames whose smoothed P(abdomen) reaches this fraction of
+# `min_quality_probability` (half of the selection threshold): sweeps without any sign of an abdomen cost
+# only their coarse frames. A sweep whose best frame is below that cannot hold a frame that qualifies
+# unless a whole run falls between two coarse frames with no echo in the frames around it.
+REFINE_FLOOR = 0.5
+# Slack on the decode rule, so that rounding in the moving average can never hide a qualifying frame.
+_DECODE_SLACK = 1e-6
 
 
 def resolve_device(name: str) -> torch.device:
@@ -34,9 +67,28 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU multiplies bf16 matrices in hardware (AMX tiles or AVX512-BF16)."""
+    try:
+        return bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
+    except AttributeError:  # older torch
+        return False
+
+
+def resolve_coarse_stride(config: InferenceConfig, device: torch.device) -> int:
+    """`coarse_stride` 0 (auto) -> 1 (dense) on CUDA, `cpu_coarse_stride` on the CPU."""
+    if config.coarse_stride > 0:
+        return config.coarse_stride
+    return 1 if device.type == "cuda" else max(1, config.cpu_coarse_stride)
+
+
 @dataclass
 class FrameScores:
-    """Per-frame network outputs of one case; NaN (or absent) for frames never run through the network."""
+    """Per-frame network outputs of one case; NaN for frames never run through the network.
+
+    `probabilities` is set for every encoded frame, `mask_fractions` (and `abdomen_maps`) only for frames
+    the decoder ran on: with the lazy decoder, frames that cannot be chosen are encoded but not decoded.
+    """
 
     probabilities: np.ndarray  # (N, 3) frame-head softmax
     mask_fractions: np.ndarray  # (N,) share of the network input the mask covers
@@ -48,6 +100,12 @@ class FrameScores:
 
     @property
     def scored(self) -> np.ndarray:
+        """Frames run through the encoder (they have frame-head probabilities)."""
+        return ~np.isnan(self.probabilities[:, 0])
+
+    @property
+    def decoded(self) -> np.ndarray:
+        """Frames run through the mask decoder too."""
         return ~np.isnan(self.mask_fractions)
 
 
@@ -62,6 +120,8 @@ class CaseResult:
     fov: np.ndarray
     timings: dict[str, float]
     frames_encoded: int
+    frames_decoded: int = 0
+    search: dict = field(default_factory=dict)  # how the frames were searched (stride, rounds, ...)
 
     def summary(self) -> dict:
         """What people want to read about a case (the log and result.json)."""
@@ -75,25 +135,59 @@ class CaseResult:
             if hasattr(self.ellipse, "to_dict") else None,
             "sweep_candidates": [c.to_dict() for c in self.selection.candidates],
             "frames_encoded": self.frames_encoded,
+            "frames_decoded": self.frames_decoded,
             "frames_total": int(len(self.scores.mask_fractions)),
+            "search": self.search,
             "timings_s": {k: round(v, 3) for k, v in self.timings.items()},
         }
 
 
 class StageTimer:
-    """Wall time per named stage; synchronises CUDA so GPU work is charged to the right stage."""
+    """Time per named stage.
+
+    `timer(name)` measures wall time and synchronises CUDA at its end, so GPU work is charged to the
+    right stage; it also keeps the process CPU time (`cpu_seconds`), which is steadier than wall time on
+    a shared machine. `timer.device_span(name)` is for stages inside the batch loop: on CUDA it records
+    events instead of synchronising (the GPU keeps its queue full) and the elapsed GPU time is read once,
+    when `seconds` is accessed; on the CPU it is a plain wall-time span.
+    """
 
     def __init__(self, device: torch.device):
         self.device = device
-        self.seconds: dict[str, float] = {}
+        self._seconds: dict[str, float] = {}
+        self.cpu_seconds: dict[str, float] = {}
+        self._events: dict[str, list[tuple[torch.cuda.Event, torch.cuda.Event]]] = {}
 
     @contextmanager
     def __call__(self, name: str) -> Iterator[None]:
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         yield
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+        self._seconds[name] = self._seconds.get(name, 0.0) + time.perf_counter() - start
+        self.cpu_seconds[name] = self.cpu_seconds.get(name, 0.0) + time.process_time() - cpu_start
+
+    @contextmanager
+    def device_span(self, name: str) -> Iterator[None]:
+        if self.device.type != "cuda":
+            with self(name):
+                yield
+            return
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        yield
+        end.record()
+        self._events.setdefault(name, []).append((begin, end))
+
+    @property
+    def seconds(self) -> dict[str, float]:
+        if self._events:
+            torch.cuda.synchronize(self.device)
+            for name, pairs in self._events.items():
+                elapsed = sum(b.elapsed_time(e) for b, e in pairs) / 1000.0
+                self._seconds[name] = self._seconds.get(name, 0.0) + elapsed
+            self._events.clear()
+        return self._seconds
 
 
 def liftoff_frames(stack: np.ndarray, max_mean: float, chunk: int = 64) -> np.ndarray:
@@ -103,53 +197,355 @@ def liftoff_frames(stack: np.ndarray, max_mean: float, chunk: int = 64) -> np.nd
     return means < max_mean
 
 
+class _BatchLoader:
+    """Cuts batches of frames out of the stack in a background thread, one batch ahead of the consumer.
+
+    Fancy-indexing a (840, 562, 744) stack copies the frames; on CUDA the copy goes into pinned memory so
+    that the host-to-device transfer is asynchronous. numpy and the copy release the GIL, so this overlaps
+    with the network on the main thread.
+    """
+
+    def __init__(self, stack: np.ndarray, batches: Sequence[np.ndarray], pin: bool, prefetch: bool):
+        self.stack, self.batches, self.pin = stack, list(batches), pin
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batch-loader") if prefetch else None
+
+    def _load(self, chunk: np.ndarray) -> torch.Tensor:
+        frames = torch.from_numpy(np.ascontiguousarray(self.stack[chunk]))
+        return frames.pin_memory() if self.pin else frames
+
+    def __iter__(self) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+        if self.pool is None:
+            for chunk in self.batches:
+                yield chunk, self._load(chunk)
+            return
+        try:
+            ahead: Future | None = self.pool.submit(self._load, self.batches[0]) if self.batches else None
+            for i, chunk in enumerate(self.batches):
+                frames = ahead.result()
+                ahead = self.pool.submit(self._load, self.batches[i + 1]) if i + 1 < len(self.batches) else None
+                yield chunk, frames
+        finally:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+@dataclass
+class _Pending:
+    """An encoded frame whose decode decision waits for a later frame of the same call."""
+
+    inputs: torch.Tensor  # (1, 3, s, s)
+    features: list[torch.Tensor]  # four (1, width, g, g)
+
+
 class Predictor:
-    """A loaded FetalCLIPSEG and the settings to run it on whole cases."""
+    """A loaded FetalCLIPSEG and the settings to run it on whole cases.
+
+    The model is prepared for inference in place: LoRA merged into the encoder (unless
+    `merge_lora=False`), parameters frozen, moved to the device.
+    """
 
     def __init__(self, model: torch.nn.Module, config: Config, device: torch.device | None = None):
         self.config = config
-        self.device = device or resolve_device(config.inference.device)
+        inference = config.inference
+        self.device = device or resolve_device(inference.device)
+        if inference.threads > 0:
+            torch.set_num_threads(inference.threads)
+        encoder = getattr(model, "encoder", None)
+        if inference.merge_lora and getattr(encoder, "has_lora", False) and hasattr(model, "merge_lora"):
+            model.merge_lora()
         self.model = model.to(self.device).eval()
+        for parameter in self.model.parameters():
+            parameter.requires_grad_(False)
         if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
             self.model = self.model.to(memory_format=torch.channels_last)
+        # The split forward (encoder + frame head for every frame, decoder on demand) needs the three parts.
+        self.split = all(hasattr(self.model, part) for part in ("encoder", "decoder", "frame_head"))
+        self.lazy_decoder = self.split and (
+            inference.lazy_decoder == "on" or (inference.lazy_decoder == "auto" and self.device.type == "cpu"))
+        self.coarse_stride = resolve_coarse_stride(inference, self.device)
+        self.precision = self._precision()
+        # CPU bf16: the encoder's weights are cast once (CPU autocast re-casts every weight on every call and
+        # sends 3-D linears through a batched-matmul path that copies the weight: slower than fp32 here).
+        # The frame head and the decoder stay fp32; the decoder runs on few frames with the lazy decoder.
+        self._encoder_dtype = torch.bfloat16 if self.device.type == "cpu" and self.precision == "bf16" \
+            else torch.float32
+        if self.split and self._encoder_dtype != torch.float32:
+            self.model.encoder.to(self._encoder_dtype)
+        self._encoder, self._decoder = self._compiled_parts()
+
+    # ------------------------------------------------------------------------------------------ set-up
+
+    def _precision(self) -> str:
+        inference = self.config.inference
+        if self.device.type == "cuda":
+            if not inference.amp:
+                return "fp32"
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        choice = inference.cpu_precision
+        if choice == "auto":
+            return "bf16" if cpu_has_fast_bf16() else "fp32"
+        if choice not in ("fp32", "bf16"):
+            raise ValueError(f"cpu_precision must be auto, fp32 or bf16, got {choice!r}")
+        return choice
+
+    def _compiled_parts(self):
+        encoder = getattr(self.model, "encoder", None)
+        decoder = getattr(self.model, "decoder", None)
+        if not self.config.inference.compile or not self.split:
+            return encoder, decoder
+        return torch.compile(encoder, dynamic=None), torch.compile(decoder, dynamic=None)
 
     def _autocast(self):
-        if self.device.type != "cuda" or not self.config.inference.amp:
+        """fp16 / bf16 autocast on CUDA; nothing on the CPU (see `_encoder_dtype`)."""
+        if self.device.type != "cuda" or self.precision == "fp32":
             return nullcontext()
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[self.precision]
         return torch.autocast("cuda", dtype=dtype)
+
+    def _encode(self, inputs: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Encoder + frame head: (decoder features, frame-head probabilities (B, 3) float32)."""
+        with self._autocast():
+            features, embedding = self._encoder(inputs.to(self._encoder_dtype))
+            if self._encoder_dtype != torch.float32:
+                features, embedding = [f.float() for f in features], embedding.float()
+            logits = self.model.frame_head(embedding)
+        return features, torch.softmax(logits.float(), dim=1)
+
+    def describe(self) -> dict:
+        """The speed-relevant settings actually in force (for logs and the benchmark)."""
+        return {"device": str(self.device), "precision": self.precision, "coarse_stride": self.coarse_stride,
+                "lazy_decoder": self.lazy_decoder, "lora_merged": not getattr(getattr(self.model, "encoder", None),
+                                                                               "has_lora", False),
+                "batch_size": self.config.inference.batch_size, "compile": self.config.inference.compile,
+                "threads": torch.get_num_threads()}
+
+    # ------------------------------------------------------------------------------------------ network
+
+    def _inputs(self, frames: torch.Tensor) -> torch.Tensor:
+        inputs = preprocess_frames(frames, self.config.model.image_size, device=self.device)
+        if self.device.type == "cuda":
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
+        return inputs
+
+    def _mask_outputs(self, mask_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, C, s, s) logits -> abdomen probability (B, s, s) float16 and mask fraction (B,), on device."""
+        abdomen = 1.0 - torch.softmax(mask_logits.float(), dim=1)[:, 0]
+        fractions = (abdomen >= self.config.inference.mask_threshold).float().mean(dim=(1, 2))
+        return abdomen.half(), fractions
 
     @torch.inference_mode()
     def score_frames(self, stack: np.ndarray, indices: np.ndarray, scores: FrameScores,
-                     progress: Callable[[int], None] | None = None) -> None:
-        """Run the network on `indices` of the stack, filling `scores` in place."""
-        size = self.config.model.image_size
+                     progress: Callable[[int], None] | None = None, timer: StageTimer | None = None) -> None:
+        """Run the network on `indices` of the stack, filling `scores` in place.
+
+        Every frame gets its frame-head probabilities; the mask decoder runs on every frame, or with the lazy
+        decoder on the frames that `needs_mask` picks (deciding a frame waits until the frames of its
+        smoothing window that this call encodes are known).
+        """
+        indices = np.unique(np.asarray(indices, dtype=np.int64))
+        if len(indices) == 0:
+            return
+        timer = timer or StageTimer(self.device)
         batch = max(1, self.config.inference.batch_size)
-        for start in range(0, len(indices), batch):
-            chunk = indices[start:start + batch]
-            frames = torch.from_numpy(np.ascontiguousarray(stack[chunk]))
-            if self.device.type == "cuda":
-                frames = frames.pin_memory()
-            inputs = preprocess_frames(frames, size, device=self.device)
-            if self.device.type == "cuda":
-                inputs = inputs.contiguous(memory_format=torch.channels_last)
-            with self._autocast():
-                output = self.model(inputs)
-            probabilities = torch.softmax(output.frame_logits.float(), dim=1).cpu().numpy()
-            abdomen = 1.0 - torch.softmax(output.mask_logits.float(), dim=1)[:, 0]
-            fractions = (abdomen >= self.config.inference.mask_threshold).float().mean(dim=(1, 2)).cpu().numpy()
-            abdomen = abdomen.half().cpu()
-            for row, frame in enumerate(chunk.tolist()):
-                scores.probabilities[frame] = probabilities[row]
-                scores.mask_fractions[frame] = fractions[row]
-                scores.abdomen_maps[frame] = abdomen[row]
+        batches = [indices[i:i + batch] for i in range(0, len(indices), batch)]
+        loader = _BatchLoader(stack, batches, pin=self.device.type == "cuda",
+                              prefetch=self.config.inference.prefetch and len(batches) > 1)
+        if not self.split:
+            return self._score_whole_model(loader, scores, progress, timer)
+        deferred: list[tuple[np.ndarray, torch.Tensor, torch.Tensor, torch.Tensor]] = []  # device results
+        pending: dict[int, _Pending] = {}
+        position = 0
+        for chunk, frames in loader:
+            position += len(chunk)
+            with timer.device_span("preprocess"):
+                inputs = self._inputs(frames)
+            with timer.device_span("encode"):
+                features, probabilities = self._encode(inputs)
+            if not self.lazy_decoder:
+                with timer.device_span("decode"), self._autocast():
+                    abdomen, fractions = self._mask_outputs(self._decoder(inputs, features))
+                deferred.append((chunk, probabilities, abdomen, fractions))
+            else:
+                scores.probabilities[chunk] = probabilities.cpu().numpy()
+                for row, frame in enumerate(chunk.tolist()):
+                    pending[frame] = _Pending(inputs[row:row + 1], [f[row:row + 1] for f in features])
+                next_frame = int(indices[position]) if position < len(indices) else None
+                ready = self._decide(scores, sorted(pending), next_frame)
+                decode = [frame for frame, go in ready.items() if go]
+                items = [pending.pop(frame) for frame in decode]
+                for frame in ready:
+                    pending.pop(frame, None)  # decided against: features dropped
+                if items:
+                    self._decode_into(scores, np.array(decode), torch.cat([i.inputs for i in items]),
+                                      [torch.cat(parts) for parts in zip(*(i.features for i in items))], timer)
             if progress is not None:
                 progress(len(chunk))
+        assert not pending, "the last batch has no later frame to wait for"
+        if deferred:
+            self._collect(deferred, scores)
+
+    def _score_whole_model(self, loader: _BatchLoader, scores: FrameScores,
+                           progress: Callable[[int], None] | None, timer: StageTimer) -> None:
+        """Any model with FetalCLIPSeg's forward (e.g. a wrapped one): one forward per batch, all decoded."""
+        deferred = []
+        for chunk, frames in loader:
+            with timer.device_span("preprocess"):
+                inputs = self._inputs(frames)
+            with timer.device_span("encode"), self._autocast():
+                output = self.model(inputs)
+                probabilities = torch.softmax(output.frame_logits.float(), dim=1)
+                abdomen, fractions = self._mask_outputs(output.mask_logits)
+            deferred.append((chunk, probabilities, abdomen, fractions))
+            if progress is not None:
+                progress(len(chunk))
+        self._collect(deferred, scores)
+
+    @staticmethod
+    def _collect(deferred, scores: FrameScores) -> None:
+        """Copy device results to the host once per call: no synchronisation inside the batch loop."""
+        chunks = np.concatenate([d[0] for d in deferred])
+        probabilities = torch.cat([d[1] for d in deferred]).cpu().numpy()
+        abdomen = torch.cat([d[2] for d in deferred]).cpu()
+        fractions = torch.cat([d[3] for d in deferred]).cpu().numpy()
+        scores.probabilities[chunks] = probabilities
+        scores.mask_fractions[chunks] = fractions
+        for row, frame in enumerate(chunks.tolist()):
+            scores.abdomen_maps[frame] = abdomen[row]
+
+    def _decode_into(self, scores: FrameScores, frames: np.ndarray, inputs: torch.Tensor,
+                     features: list[torch.Tensor], timer: StageTimer) -> None:
+        with timer.device_span("decode"), self._autocast():
+            abdomen, fractions = self._mask_outputs(self._decoder(inputs, features))
+        scores.mask_fractions[frames] = fractions.cpu().numpy()
+        abdomen = abdomen.cpu()
+        for row, frame in enumerate(frames.tolist()):
+            scores.abdomen_maps[frame] = abdomen[row]
+
+    # ------------------------------------------------------------------------------------------ lazy decoder
+
+    def _window(self, frame: int, bounds: tuple[int, int]) -> tuple[int, int]:
+        """[lo, hi] of the smoothing window of `frame` inside its sweep (select.nan_moving_average's)."""
+        window = max(1, self.config.inference.smoothing_window)
+        half = window // 2
+        return max(bounds[0], frame - half), min(bounds[1] - 1, frame + (window - 1 - half))
+
+    def _sweep_of(self, n_frames: int) -> Callable[[int], tuple[int, int]]:
+        bounds = sweep_bounds(n_frames, self.config.inference.sweeps)
+        starts = np.array([b[0] for b in bounds])
+        return lambda frame: bounds[int(np.searchsorted(starts, frame, side="right")) - 1]
+
+    def needs_mask(self, scores: FrameScores, frame: int, sweep: tuple[int, int]) -> bool:
+        """Could `frame` be chosen? Only if some encoded frame of its smoothing window has
+        P(optimal) + P(suboptimal) >= min_quality_probability (the smoothed value is a mean of those)."""
+        lo, hi = self._window(frame, sweep)
+        window = scores.probabilities[lo:hi + 1]
+        p_abdomen = window[:, FRAME_OPTIMAL] + window[:, FRAME_SUBOPTIMAL]
+        p_abdomen = p_abdomen[~np.isnan(p_abdomen)]
+        return bool(p_abdomen.size) and float(p_abdomen.max()) >= \
+            self.config.inference.min_quality_probability - _DECODE_SLACK
+
+    def _decide(self, scores: FrameScores, frames: list[int], next_frame: int | None) -> dict[int, bool]:
+        """Decode decisions for the frames whose window holds no frame still to come in this call."""
+        sweep_of = self._sweep_of(len(scores.mask_fractions))
+        decided = {}
+        for frame in frames:
+            sweep = sweep_of(frame)
+            _, hi = self._window(frame, sweep)
+            if next_frame is not None and next_frame <= hi:
+                continue  # a later frame of this call lies in the window: decide with the next batch
+            decided[frame] = self.needs_mask(scores, frame, sweep)
+        return decided
+
+    def complete_masks(self, stack: np.ndarray, scores: FrameScores, timer: StageTimer | None = None) -> int:
+        """Decode frames that became choosable after their batch was decided (a neighbour encoded by a later
+        call of the coarse search): they are encoded again with the decoder. Returns how many."""
+        sweep_of = self._sweep_of(len(scores.mask_fractions))
+        missing = [f for f in np.flatnonzero(scores.scored & ~scores.decoded).tolist()
+                   if self.needs_mask(scores, f, sweep_of(f))]
+        if missing:
+            self._full_forward(stack, np.array(missing), scores, timer or StageTimer(self.device))
+        return len(missing)
+
+    @torch.inference_mode()
+    def _full_forward(self, stack: np.ndarray, frames: np.ndarray, scores: FrameScores, timer: StageTimer) -> None:
+        batch = max(1, self.config.inference.batch_size)
+        for start in range(0, len(frames), batch):
+            chunk = frames[start:start + batch]
+            with timer.device_span("preprocess"):
+                inputs = self._inputs(torch.from_numpy(np.ascontiguousarray(stack[chunk])))
+            with timer.device_span("encode"):
+                features, _ = self._encode(inputs)
+            self._decode_into(scores, chunk, inputs, features, timer)
+
+    # ------------------------------------------------------------------------------------------ search
 
     def frames_to_encode(self, stack: np.ndarray) -> np.ndarray:
         """Every frame except probe lift-off."""
         dark = liftoff_frames(stack, self.config.inference.liftoff_max_mean)
         return np.flatnonzero(~dark)
+
+    def coarse_frames(self, candidates: np.ndarray, n_frames: int, stride: int) -> np.ndarray:
+        """Every `stride`-th candidate (non-lift-off) frame of each sweep, starting half a stride in."""
+        chosen = []
+        for start, stop in sweep_bounds(n_frames, self.config.inference.sweeps):
+            inside = candidates[(candidates >= start) & (candidates < stop)]
+            chosen.append(inside[min(stride // 2, max(len(inside) - 1, 0))::stride])
+        return np.concatenate(chosen) if chosen else np.zeros(0, dtype=np.int64)
+
+    def refine_centres(self, scores: FrameScores) -> list[int]:
+        """The best `refine_candidates` encoded frames of each sweep, ranked as `select` ranks frames
+        (tier, smoothed score, mask size), at least `refine_radius` apart, among the frames whose smoothed
+        P(abdomen) reaches REFINE_FLOOR x min_quality_probability."""
+        inference = self.config.inference
+        probs = scores.probabilities
+        centres = []
+        for start, stop in sweep_bounds(len(probs), inference.sweeps):
+            encoded = np.flatnonzero(scores.scored[start:stop])
+            if not len(encoded):
+                continue
+            smoothed = nan_moving_average(probs[start:stop], inference.smoothing_window)
+            p_opt = smoothed[:, FRAME_OPTIMAL]
+            p_abdomen = smoothed[:, FRAME_OPTIMAL] + smoothed[:, FRAME_SUBOPTIMAL]
+            area = np.nan_to_num(scores.mask_fractions[start:stop], nan=0.0)
+            big = area >= inference.min_mask_fraction
+            threshold = inference.min_quality_probability
+            tier = np.where(big & (p_opt >= threshold), FRAME_OPTIMAL,
+                            np.where(big & (p_abdomen >= threshold), FRAME_SUBOPTIMAL, FRAME_NONE))
+            score = np.nan_to_num(np.where(tier == FRAME_OPTIMAL, p_opt, p_abdomen), nan=-1.0)
+            floor = REFINE_FLOOR * threshold
+            keys = [(tier[i], score[i], area[i], -i) for i in encoded if p_abdomen[i] >= floor]
+            taken: list[int] = []
+            for key in sorted(keys, reverse=True):
+                frame = -int(key[3])
+                if all(abs(frame - t) > inference.refine_radius for t in taken):
+                    taken.append(frame)
+                if len(taken) >= max(1, inference.refine_candidates):
+                    break
+            centres += [start + t for t in taken]
+        return centres
+
+    def coarse_to_fine(self, stack: np.ndarray, candidates: np.ndarray, scores: FrameScores, stride: int,
+                       progress: Callable[[int], None] | None = None, timer: StageTimer | None = None) -> dict:
+        """Coarse pass, then refinement rounds around the best frames of every sweep until they settle."""
+        n_frames = len(stack)
+        coarse = self.coarse_frames(candidates, n_frames, stride)
+        self.score_frames(stack, coarse, scores, progress, timer)
+        allowed = np.zeros(n_frames, dtype=bool)
+        allowed[candidates] = True
+        radius = max(1, self.config.inference.refine_radius)
+        rounds = []
+        for _ in range(MAX_REFINE_ROUNDS):
+            wanted = set()
+            for centre in self.refine_centres(scores):
+                lo, hi = max(0, centre - radius), min(n_frames - 1, centre + radius)
+                wanted.update(f for f in range(lo, hi + 1) if allowed[f] and not scores.scored[f])
+            if not wanted:
+                break
+            rounds.append(len(wanted))
+            self.score_frames(stack, np.array(sorted(wanted)), scores, progress, timer)
+        return {"coarse_frames": int(len(coarse)), "refine_rounds": rounds}
+
+    # ------------------------------------------------------------------------------------------ one case
 
     def predict(self, stack: np.ndarray, progress: Callable[[int], None] | None = None) -> CaseResult:
         """Choose the AC frame of a (frames, height, width) uint8 stack and segment it."""
@@ -157,10 +553,18 @@ class Predictor:
         n_frames, height, width = stack.shape
         with timer("field_of_view"):
             fov = fov_from_stack(stack)
-            indices = self.frames_to_encode(stack)
+            candidates = self.frames_to_encode(stack)
         scores = FrameScores.empty(n_frames)
+        stride = self.coarse_stride
+        search: dict = {"coarse_stride": stride, "lift_off_frames": int(n_frames - len(candidates)),
+                        "precision": self.precision, "lazy_decoder": self.lazy_decoder}
         with timer("network"):
-            self.score_frames(stack, indices, scores, progress)
+            if stride <= 1:
+                self.score_frames(stack, candidates, scores, progress, timer)
+            else:
+                search.update(self.coarse_to_fine(stack, candidates, scores, stride, progress, timer))
+            reencoded = self.complete_masks(stack, scores, timer) if self.lazy_decoder else 0
+        search["frames_reencoded"] = reencoded
         with timer("select"):
             selection = select_frame(scores.probabilities, scores.mask_fractions, self.config.inference)
         mask, ellipse, ac_mm = None, None, None
@@ -170,8 +574,10 @@ class Predictor:
                 mask = clean_mask(probability, fov, self.config.inference.mask_threshold)
                 ellipse = biometry.fit_ellipse(mask, fov)
                 ac_mm = None if ellipse is None else float(ellipse.circumference_mm(biometry.PIXEL_SPACING_MM))
+        encoded = int(scores.scored.sum()) + reencoded
         return CaseResult(frame=selection.frame, mask=mask, ellipse=ellipse, ac_mm=ac_mm, selection=selection,
-                          scores=scores, fov=fov, timings=timer.seconds, frames_encoded=len(indices))
+                          scores=scores, fov=fov, timings=dict(timer.seconds), frames_encoded=encoded,
+                          frames_decoded=int(scores.decoded.sum()), search=search)
 
 
 def load_predictor(weights: Path, config_overrides: dict | None = None) -> tuple[Predictor, dict]:
