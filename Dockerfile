@@ -1,0 +1,72 @@
+# ACOUSLIC-AI submission image: FetalCLIPSEG frame selection + abdomen segmentation.
+#
+#   docker build -t acouslic-fetalclipseg .                          # real base (needs Docker Hub)
+#   docker build -t acouslic-fetalclipseg --build-arg BASE_IMAGE=... .  # any image with python + torch
+#
+# Contract (grand-challenge): reads /input/images/stacked-fetal-ultrasound/*.mha, writes
+# /output/images/fetal-abdomen-segmentation/output.mha and /output/fetal-abdomen-frame-number.json.
+# Weights: /opt/ml/model/*.safetensors (grand-challenge's separately uploaded model tarball)
+# take precedence over the bundled /opt/app/algorithm/weights/*.safetensors (the CLI decides).
+#
+# Base image: official PyTorch runtime image with torch 2.14.1 (requirements.txt pins it).
+# CUDA 12.6 rather than a CUDA 13.x variant: a T4 (sm_75) is supported by both, but CUDA 13
+# needs an NVIDIA driver >= 580 on the host, CUDA 12.x runs on drivers >= 525 (minor-version
+# compatibility). test/run_container.sh substitutes a locally built stand-in (same Python
+# packages, Debian bookworm + /opt/venv) when this tag cannot be pulled.
+ARG BASE_IMAGE=pytorch/pytorch:2.14.1-cuda12.6-cudnn9-runtime
+FROM ${BASE_IMAGE}
+
+ENV PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    HF_HUB_OFFLINE=1 \
+    TRANSFORMERS_OFFLINE=1 \
+    XDG_CACHE_HOME=/tmp/.cache \
+    TORCH_HOME=/tmp/.cache/torch \
+    HF_HOME=/tmp/.cache/huggingface \
+    TRITON_CACHE_DIR=/tmp/.cache/triton \
+    MPLCONFIGDIR=/tmp/.cache/matplotlib
+
+# Non-root user (grand-challenge runs images as their USER). Fixed uid/gid 1001 so output
+# folders can be prepared for it on the host; 1000 is taken by `ubuntu` in Ubuntu 24.04 bases.
+RUN groupadd --system --gid 1001 user \
+ && useradd --system --uid 1001 --gid 1001 --create-home --no-log-init --shell /bin/bash user
+
+WORKDIR /opt/app
+
+# Runtime dependencies first (cache-friendly layer). The base image already ships torch and
+# torchvision: keep those (never pull a second multi-GB torch) and pin them as constraints so
+# that open_clip_torch / peft cannot upgrade them; install everything else from requirements.txt.
+COPY requirements.txt /opt/app/requirements.txt
+RUN set -eu; \
+    cp /opt/app/requirements.txt /tmp/requirements.txt; : > /tmp/constraints.txt; \
+    for pkg in torch torchvision; do \
+        have="$(python -m pip list --format=freeze 2>/dev/null | grep -i "^${pkg}==" || true)"; \
+        if [ -n "$have" ]; then \
+            want="$(grep -iE "^[[:space:]]*${pkg}[[:space:]]*==" /tmp/requirements.txt | tr -d ' ' || true)"; \
+            echo "base image provides ${have} (requirements.txt: ${want:-unpinned})"; \
+            if [ -n "$want" ] && [ "${have%%+*}" != "${want%%+*}" ]; then \
+                echo "WARNING: ${pkg} of the base image differs from requirements.txt"; \
+            fi; \
+            echo "$have" >> /tmp/constraints.txt; \
+            sed -i -E "/^[[:space:]]*${pkg}[[:space:]]*([=<>!~;[]|$)/Id" /tmp/requirements.txt; \
+        fi; \
+    done; \
+    python -m pip install --no-cache-dir --constraint /tmp/constraints.txt --requirement /tmp/requirements.txt; \
+    python -c "import torch, torchvision, open_clip, peft, safetensors, SimpleITK, cv2, scipy, numpy, PIL, rich; \
+print('torch', torch.__version__, 'cuda', torch.version.cuda, 'torchvision', torchvision.__version__)"; \
+    rm -f /tmp/requirements.txt /tmp/constraints.txt; rm -rf /root/.cache
+
+# The algorithm package with its bundled weights (algorithm/weights/), byte-compiled because
+# the user cannot write next to root-owned sources. No training code, tests or data (.dockerignore).
+COPY algorithm/ /opt/app/algorithm/
+RUN python -m compileall -q /opt/app/algorithm \
+ && chmod -R a+rX /opt/app
+
+USER 1001:1001
+
+LABEL org.opencontainers.image.title="acouslic-ai-fetalclipseg" \
+      org.opencontainers.image.description="ACOUSLIC-AI: fetal abdomen frame selection and segmentation (FetalCLIPSEG)"
+
+ENTRYPOINT ["python", "-m", "algorithm"]
