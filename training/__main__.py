@@ -1,0 +1,384 @@
+"""`python -m training <command>`: the research side in one entry point.
+
+    python -m training prepare ...            -> training.prepare
+    python -m training train ...              -> training.train (also under torchrun)
+    python -m training evaluate-frames ...    -> training.evaluate_frames
+    python -m training reproduce --data DIR --out DIR [--config full --fetalclip PATH]
+    python -m training demo-weights [--out algorithm/weights/fetalclipseg_small_replica.safetensors]
+
+`reproduce` chains prepare -> train (modes fixed, paper, cls) -> the paper's frame-level table on the test
+split -> the algorithm on every whole test case -> the challenge score (training.evaluate) -> one Markdown
+report with the paper's figures beside ours.
+
+`demo-weights` makes the bundled CPU demo weights: a replica dataset, prepared, the small configuration
+trained from scratch on the CPU (all encoder weights trainable), saved as a checkpoint with the provenance
+"replica-trained demo weights, not for clinical use". `--check` then runs `python -m algorithm` on fresh
+replica cases (seed 424242, never used for training) and scores them with `python -m training.evaluate`.
+
+The demo budget (2 shared CPU cores): a training step costs ~0.3 CPU-s per frame, almost all of it the
+decoder's convolutions at 224 px, so the recipe spends decoder passes where they teach most:
+* 60 cases of 48 frames per sweep (not 140): the same number of annotated runs per case, 3x fewer
+  near-duplicate frames to generate, store and read; more cases = more abdomen shapes and backgrounds;
+* all sweeps prepared (`--all-sweeps`), so negatives include the skulls, bones and lift-off frames of the
+  sweeps without an abdomen, which a whole-case run must reject;
+* per epoch every positive frame, 0.75 decoded negatives per positive, and 4 head-only negatives per
+  positive (encoder + frame head, no decoder: ~1/6 of the cost), see `training.train.MixedBatches`;
+* batch 8, AdamW 1e-3 with 50 warm-up steps (a from-scratch network, not LoRA on a pretrained one),
+  Dice + cross-entropy for the mask, bf16 autocast where the CPU has bf16 units, one torch thread, NHWC;
+* 6 epochs, the one with the lowest validation loss kept (validation: 160 frames, positives first).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from training import layout
+
+log = logging.getLogger("training")
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO_WEIGHTS = REPO / "algorithm" / "weights" / "fetalclipseg_small_replica.safetensors"
+DEMO_PROVENANCE = "replica-trained demo weights, not for clinical use"
+CHECK_SEED = 424242  # the acceptance cases; never a training seed
+MAX_DEMO_BYTES = 20 * 1024 * 1024
+SEGMENTING_MODES = ("fixed", "paper")
+
+
+# ------------------------------------------------------------------------------------------ whole cases
+
+def predict_cases(weights: Path, data: Path, uuids: Sequence[str], out: Path, device: str = "auto",
+                  overrides: dict[str, Any] | None = None, progress: bool = True) -> dict[str, Any]:
+    """The algorithm on whole cases of a release-layout folder, in process (one model load), written in the
+    grand-challenge output layout: out/<uuid>/{images/fetal-abdomen-segmentation/output.mha, frame json}."""
+    from tqdm import tqdm
+
+    from algorithm.contract import read_stack, write_outputs
+    from algorithm.inference import load_predictor
+
+    predictor, checkpoint = load_predictor(weights, {"device": device, **(overrides or {})})
+    timings = {}
+    for uuid in tqdm(uuids, desc="test cases", unit="case", disable=not progress):
+        started = time.perf_counter()
+        stack = read_stack(layout.image_path(data, uuid))
+        result = predictor.predict(stack.array)
+        write_outputs(out / uuid, stack, result.frame, result.mask)
+        (out / uuid / "result.json").write_text(json.dumps(result.summary(), indent=2) + "\n")
+        timings[uuid] = round(time.perf_counter() - started, 1)
+    return {"checkpoint": checkpoint, "seconds_per_case": timings}
+
+
+def ground_truth_view(data: Path, uuids: Sequence[str], folder: Path) -> Path:
+    """A release-layout folder holding only `uuids` (symlinks, filtered CSV): training.evaluate scores every
+    case it finds, so the test split needs a folder of its own."""
+    if folder.exists():
+        shutil.rmtree(folder)
+    for sub, path_of in ((layout.IMAGES_DIR, layout.image_path), (layout.MASKS_DIR, layout.mask_path)):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+        for uuid in uuids:
+            source = path_of(data, uuid)
+            if source.is_file():
+                os.symlink(source.resolve(), folder / sub / source.name)
+    source_csv = data / layout.CIRCUMFERENCES_CSV
+    if source_csv.is_file():
+        (folder / layout.CIRCUMFERENCES_CSV).parent.mkdir(parents=True, exist_ok=True)
+        with source_csv.open(newline="") as src, (folder / layout.CIRCUMFERENCES_CSV).open("w", newline="") as dst:
+            reader = csv.DictReader(src)
+            writer = csv.DictWriter(dst, fieldnames=reader.fieldnames, lineterminator="\n")
+            writer.writeheader()
+            writer.writerows(row for row in reader if row["uuid"] in set(uuids))
+    return folder
+
+
+def challenge_score(weights: Path, data: Path, uuids: Sequence[str], out: Path, device: str = "auto",
+                    overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Predict whole cases and score them with training.evaluate; returns its report (+ timings)."""
+    from training.evaluate import evaluate
+
+    predictions = out / "predictions"
+    run = predict_cases(weights, data, uuids, predictions, device, overrides)
+    report = evaluate(predictions, ground_truth_view(data, uuids, out / "ground_truth"))
+    report["inference"] = run
+    (out / "challenge.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+# ------------------------------------------------------------------------------------------ reproduce
+
+def _fmt(value: Any) -> str:
+    return "–" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+def challenge_table(rows: dict[str, dict[str, Any]]) -> str:
+    lines = ["| model | score | WFSS | DSC_soft | NAE_AC | HD (mm) | cases |", "|---|---|---|---|---|---|---|"]
+    for name, agg in rows.items():
+        lines.append(f"| {name} | {_fmt(agg.get('score'))} | {_fmt(agg.get('wfss'))} | {_fmt(agg.get('dsc_soft'))} "
+                     f"| {_fmt(agg.get('nae_ac'))} | {_fmt(agg.get('hd'))} | {agg.get('n_cases', '–')} |")
+    return "\n".join(lines) + "\n"
+
+
+def reproduce(args: argparse.Namespace) -> int:
+    from training.dataset import MANIFEST, read_manifest
+    from training.evaluate_frames import markdown_table, table_rows
+    from training.prepare import describe, prepare
+    from training.train import CHECKPOINT_NAME, TrainConfig, summarise, train
+
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    prepared = args.prepared or out / "prepared"
+    if (prepared / MANIFEST).is_file() and read_manifest(prepared).get("seed") == args.seed:
+        log.info("reusing prepared data in %s", prepared)
+    else:
+        prepare(args.data, prepared, seed=args.seed, all_sweeps=args.all_sweeps, replica=args.replica)
+    manifest = read_manifest(prepared)
+    log.info("splits:\n%s", describe(manifest))
+
+    train_encoder = args.train_encoder or (args.config == "small" and args.fetalclip is None)
+    frame_rows: dict[str, dict[str, Any]] = {}
+    challenge_rows: dict[str, dict[str, Any]] = {}
+    results: dict[str, Any] = {"data": str(args.data), "prepared": str(prepared), "modes": {}}
+    for mode in args.modes:
+        # --train-encoder replaces LoRA in our mode only: `paper` is the published model as published
+        # (LoRA, no_grad encoder) and `cls` is a head on the frozen encoder, whatever the encoder's start.
+        cfg = TrainConfig(prepared=prepared, out=out / mode, mode=mode, config=args.config,
+                          fetalclip=args.fetalclip, train_encoder=train_encoder and mode == "fixed",
+                          epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, device=args.device,
+                          precision=args.precision, seed=args.seed, trials=args.trials, resume=args.resume,
+                          max_steps=args.max_steps, negatives_per_positive=args.negatives_per_positive,
+                          head_negatives_per_positive=args.head_negatives_per_positive,
+                          mask_ce_weight=args.mask_ce_weight, val_max_frames=args.val_max_frames,
+                          workers=args.workers)
+        summary = train(cfg)
+        trials = summary["trials"]
+        label = {"fixed": "FetalCLIPSEG (ours, fixed)", "paper": "FetalCLIPSEG (published code)",
+                 "cls": "FetalCLIPCLS (ours)"}[mode]
+        if len(trials) == 1:
+            frame_rows.update(table_rows(label, trials[0]["test"]))
+        else:
+            stats = summarise(trials)
+            for rule, name in (("mask_rule", "mask >= 1 %"), ("head", "frame head")):
+                if rule in stats:
+                    frame_rows[f"{label}: {name}"] = {k: f"{v['mean']:.3f} ± {v['std']:.3f}"
+                                                      for k, v in stats[rule].items()}
+                    frame_rows[f"{label}: {name}"]["trainable_parameters"] = trials[0]["trainable_parameters"]
+        results["modes"][mode] = {"checkpoint": summary["checkpoint"], "test_mean_std": summary["test_mean_std"]}
+        if mode in SEGMENTING_MODES and not args.skip_cases:
+            report = challenge_score(out / mode / CHECKPOINT_NAME, args.data, manifest["splits"]["test"],
+                                     out / mode / "challenge", args.device)
+            challenge_rows[label] = report["aggregate"]
+            results["modes"][mode]["challenge"] = report["aggregate"]
+
+    text = [f"# FetalCLIPSEG reproduction ({args.config} configuration)\n",
+            f"Data: `{args.data}` ({'replica, not for clinical use' if manifest.get('replica') else 'release'}); "
+            f"split by subject, seed {manifest['seed']}: " +
+            ", ".join(f"{s} {c['cases']} cases / {c['frames']} frames" for s, c in manifest["counts"].items()) + ".\n",
+            f"Training: {args.epochs} epoch(s), batch {args.batch_size}, AdamW {args.lr:g}, {args.trials} trial(s); "
+            f"encoder {'from FetalCLIP weights' if args.fetalclip else 'randomly initialised'}.\n",
+            "## Frame level (test split; positive = annotated frame)\n",
+            markdown_table(frame_rows)]
+    if challenge_rows:
+        text += ["\n## Challenge metrics (whole test cases through `algorithm`)\n", challenge_table(challenge_rows)]
+    (out / "report.md").write_text("\n".join(text))
+    (out / "reproduce.json").write_text(json.dumps(results, indent=2) + "\n")
+    print("\n".join(text))
+    print(f"report: {out / 'report.md'}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ demo weights
+
+def cli_case_folder(data: Path, uuid: str, folder: Path) -> Path:
+    """A grand-challenge /input folder for one release case (note the dash: stacked-fetal-ultrasound)."""
+    from algorithm.contract import INPUT_FOLDER
+
+    target = folder / INPUT_FOLDER
+    target.mkdir(parents=True, exist_ok=True)
+    link = target / f"{uuid}.mha"
+    if not link.exists():
+        os.symlink(layout.image_path(data, uuid).resolve(), link)
+    return folder
+
+
+def check_weights(weights: Path, work: Path, cases: int = 4, seed: int = CHECK_SEED,
+                  frames_per_sweep: int = 140, device: str = "cpu", threads: int | None = None) -> dict[str, Any]:
+    """The acceptance check: replica cases (seed 424242), `python -m algorithm` on each through its CLI,
+    then `python -m training.evaluate`. Returns the evaluation report."""
+    from training.evaluate import evaluate
+    from training.phantom import write_dataset
+
+    data = work / f"check_{seed}"
+    if not (data / layout.CIRCUMFERENCES_CSV).is_file():
+        write_dataset(data, cases, frames_per_sweep, seed)
+    uuids = layout.list_case_ids(data)
+    predictions = work / "check_predictions"
+    env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
+    timings = {}
+    for uuid in uuids:
+        case = cli_case_folder(data, uuid, work / "check_inputs" / uuid)
+        started = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "algorithm", "--input", str(case), "--output", str(predictions / uuid),
+                        "--weights", str(weights), "--device", device], check=True, cwd=REPO, env=env)
+        timings[uuid] = round(time.perf_counter() - started, 1)
+    report = evaluate(predictions, data)
+    report["seconds_per_case"] = timings
+    (work / "check.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def demo_weights(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    import torch
+
+    from algorithm.model.checkpoint import load_checkpoint, save_checkpoint
+    from training.phantom import write_dataset
+    from training.prepare import describe, prepare
+    from training.train import CHECKPOINT_NAME, TrainConfig, train
+
+    if args.seed == CHECK_SEED:
+        raise SystemExit(f"--seed {CHECK_SEED} makes the acceptance cases; train on another seed")
+    work: Path = args.work
+    work.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    data = work / "replica"
+    if not (data / layout.CIRCUMFERENCES_CSV).is_file():
+        write_dataset(data, args.cases, args.frames_per_sweep, args.seed)
+    prepared = work / "prepared"
+    if not (prepared / "manifest.json").is_file():
+        prepare(data, prepared, seed=args.seed, all_sweeps=True, fractions=args.fractions, replica=True)
+    manifest = json.loads((prepared / "manifest.json").read_text())
+    log.info("demo data:\n%s", describe(manifest))
+    data_seconds = time.perf_counter() - started
+
+    precision = args.precision
+    if precision == "auto":  # bf16 autocast halves the CPU time where the CPU has bf16 units (AMX/AVX512-BF16)
+        precision = "bf16" if torch.cpu._is_avx512_bf16_supported() else "fp32"
+    cfg = TrainConfig(prepared=prepared, out=work / "train", mode="fixed", config="small", train_encoder=True,
+                      epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, device="cpu", precision=precision,
+                      seed=args.seed, resume=args.resume, negatives_per_positive=args.negatives_per_positive,
+                      mask_ce_weight=1.0, val_max_frames=args.val_max_frames, replica=True,
+                      max_steps=args.max_steps, warmup_steps=args.warmup_steps,
+                      head_negatives_per_positive=args.head_negatives_per_positive, threads=args.threads)
+    summary = train(cfg)
+    train_seconds = time.perf_counter() - started - data_seconds
+
+    # Re-save with the demo provenance (and fp16 only if fp32 would not fit the size limit).
+    model, info = load_checkpoint(work / "train" / CHECKPOINT_NAME, device="cpu")
+    provenance = (f"{DEMO_PROVENANCE}: FetalCLIPSEG small configuration, encoder trained from scratch, "
+                  f"{args.cases} replica cases (seed {args.seed}, {args.frames_per_sweep} frames per sweep), "
+                  f"{summary['trials'][0]['epochs_trained']} epochs on CPU; `python -m training demo-weights`")
+    extra = dict(info.extra, demo_command=" ".join(["python -m training demo-weights"] + (args.argv or [])),
+                 data_seconds=round(data_seconds, 1), train_seconds=round(train_seconds, 1))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(args.out, model, model.config, provenance, extra=extra)
+    size = args.out.stat().st_size
+    if size > MAX_DEMO_BYTES:
+        model = model.half()
+        save_checkpoint(args.out, model, dataclasses.replace(model.config), provenance,
+                        extra={**extra, "dtype": "float16"})
+        size = args.out.stat().st_size
+    log.info("demo weights: %s (%.1f MB), data %.0f s, training %.0f s", args.out, size / 2**20, data_seconds,
+             train_seconds)
+    if size > MAX_DEMO_BYTES:
+        raise SystemExit(f"{args.out} is {size / 2**20:.1f} MB, over the 20 MB limit")
+    result = {"weights": str(args.out), "bytes": size, "data_seconds": round(data_seconds, 1),
+              "train_seconds": round(train_seconds, 1), "test_frame_metrics": summary["trials"][0].get("test")}
+    if args.check:
+        report = check_weights(args.out, work, args.check_cases, CHECK_SEED, device="cpu", threads=args.threads)
+        result["check"] = report["aggregate"]
+        log.info("check on %d replica cases (seed %d): score %.3f", args.check_cases, CHECK_SEED,
+                 report["aggregate"]["score"])
+    (work / "demo_weights.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ CLI
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m training", description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in ("prepare", "train", "evaluate-frames"):
+        sub.add_parser(name, add_help=False, help=f"see python -m training.{name.replace('-', '_')} --help")
+
+    rep = sub.add_parser("reproduce", help="prepare -> train (fixed, paper, cls) -> frame table -> challenge score")
+    rep.add_argument("--data", type=Path, required=True, help="release-layout folder (real or replica)")
+    rep.add_argument("--out", type=Path, required=True)
+    rep.add_argument("--prepared", type=Path, help="reuse / write prepared data here (default OUT/prepared)")
+    rep.add_argument("--config", default="full", choices=["full", "small"])
+    rep.add_argument("--fetalclip", type=Path)
+    rep.add_argument("--modes", nargs="+", default=["fixed", "paper", "cls"], choices=["fixed", "paper", "cls"])
+    rep.add_argument("--train-encoder", action="store_true",
+                     help="(default with --config small and no --fetalclip)")
+    rep.add_argument("--epochs", type=int, default=5)
+    rep.add_argument("--batch-size", type=int, default=32)
+    rep.add_argument("--lr", type=float, default=3e-4)
+    rep.add_argument("--trials", type=int, default=1)
+    rep.add_argument("--seed", type=int, default=0)
+    rep.add_argument("--all-sweeps", action="store_true")
+    rep.add_argument("--replica", action=argparse.BooleanOptionalAction, default=None,
+                     help="the data is the replica (default: detected)")
+    rep.add_argument("--device", default="auto")
+    rep.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
+    rep.add_argument("--workers", type=int)
+    rep.add_argument("--resume", action="store_true")
+    rep.add_argument("--max-steps", type=int)
+    rep.add_argument("--negatives-per-positive", type=float)
+    rep.add_argument("--head-negatives-per-positive", type=float)
+    rep.add_argument("--mask-ce-weight", type=float, default=0.0)
+    rep.add_argument("--val-max-frames", type=int)
+    rep.add_argument("--skip-cases", action="store_true", help="no whole-case inference / challenge score")
+
+    demo = sub.add_parser("demo-weights", help="train the bundled small replica weights on the CPU")
+    demo.add_argument("--out", type=Path, default=DEMO_WEIGHTS)
+    demo.add_argument("--work", type=Path, default=REPO / "build" / "demo_weights")
+    demo.add_argument("--cases", type=int, default=60)
+    demo.add_argument("--frames-per-sweep", type=int, default=48)
+    demo.add_argument("--seed", type=int, default=2025)
+    demo.add_argument("--epochs", type=int, default=6)
+    demo.add_argument("--batch-size", type=int, default=8)
+    demo.add_argument("--lr", type=float, default=1e-3)
+    demo.add_argument("--warmup-steps", type=int, default=50)
+    demo.add_argument("--negatives-per-positive", type=float, default=0.75)
+    demo.add_argument("--head-negatives-per-positive", type=float, default=4.0,
+                      help="extra negatives per positive for the frame head only (no decoder pass)")
+    demo.add_argument("--val-max-frames", type=int, default=160)
+    demo.add_argument("--fractions", type=float, nargs=3, default=(0.85, 0.1, 0.05))
+    demo.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
+    demo.add_argument("--threads", type=int, default=1,
+                      help="torch CPU threads (1: a third of the CPU time of 2 on a shared machine)")
+    demo.add_argument("--max-steps", type=int)
+    demo.add_argument("--resume", action="store_true")
+    demo.add_argument("--check", action="store_true", help="then score the weights on replica cases seed 424242")
+    demo.add_argument("--check-cases", type=int, default=4)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("prepare", "train", "evaluate-frames"):
+        import importlib
+
+        module = importlib.import_module(f"training.{argv[0].replace('-', '_')}")
+        return module.main(argv[1:])
+    from training.train import configure_logging
+
+    configure_logging()
+    args = build_parser().parse_args(argv)
+    if args.command == "reproduce":
+        return reproduce(args)
+    args.argv = argv[1:]
+    return demo_weights(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

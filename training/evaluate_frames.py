@@ -1,0 +1,270 @@
+"""The paper's frame-level table on a prepared split: is the abdomen plane on this frame or not?
+
+    python -m training.evaluate_frames --prepared DIR --weights W [--split test] [--json F] [--markdown F]
+
+Ground truth: a frame is positive when it is annotated (optimal or suboptimal plane). Two predictions are
+scored from the same forward pass:
+
+* mask rule (FetalCLIPSEG, the paper's rule): positive when the predicted abdomen (softmax >= 0.5, as at
+  inference) covers at least 1 % of the 224 x 224 input (`InferenceConfig.min_mask_fraction`);
+* head (FetalCLIPCLS view): positive when the frame head's argmax is suboptimal or optimal.
+
+Reported per rule: accuracy, F1, precision, recall, specificity (`training.metrics.frame_level_metrics`),
+with the trainable parameter count of the model. `FrameStats` accumulates the losses and confusion counts
+batch by batch, so a split never has to fit in memory, and sums across ranks under torch.distributed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Subset
+from tqdm import tqdm
+
+from algorithm.config import FRAME_NONE, InferenceConfig
+from training.dataset import FrameDataset
+from training.losses import DiceSums, dice_sums
+from training.metrics import frame_level_metrics
+
+# The paper's frame-level figures (He, Wang, Yaqub 2025, arXiv 2507.22802), for side-by-side tables.
+PAPER_FRAME_TABLE: dict[str, dict[str, float | None]] = {
+    "FetalCLIPCLS (paper)": {"f1": 0.757, "precision": None, "recall": None, "accuracy": None,
+                             "specificity": None},
+    "FetalCLIPSEG (paper)": {"f1": 0.771, "precision": 0.70, "recall": 0.86, "accuracy": None,
+                             "specificity": None},
+}
+METRIC_COLUMNS = ("accuracy", "f1", "precision", "recall", "specificity")
+
+
+@dataclass
+class FrameStats:
+    """Running sums over a split: loss terms and the confusion counts of both frame rules."""
+
+    classes: int = 2
+    dice_i: torch.Tensor = field(default_factory=lambda: torch.zeros(2, dtype=torch.float64))
+    dice_p: torch.Tensor = field(default_factory=lambda: torch.zeros(2, dtype=torch.float64))
+    dice_t: torch.Tensor = field(default_factory=lambda: torch.zeros(2, dtype=torch.float64))
+    # [mask_ce_sum, frames, frame_ce_weighted_sum, frame_weight_sum]
+    sums: torch.Tensor = field(default_factory=lambda: torch.zeros(4, dtype=torch.float64))
+    # rows: mask rule, head; columns: tp, fp, tn, fn
+    confusion: torch.Tensor = field(default_factory=lambda: torch.zeros(2, 4, dtype=torch.float64))
+    keep_frames: bool = False
+    per_frame: list[np.ndarray] = field(default_factory=list)  # (B, 5): fraction, p_none, p_sub, p_opt, label
+
+    def add(self, mask_logits: torch.Tensor | None, frame_logits: torch.Tensor, mask: torch.Tensor,
+            label: torch.Tensor, class_weights: torch.Tensor, min_fraction: float, threshold: float) -> None:
+        frame_logits = frame_logits.float()
+        gt = label != FRAME_NONE
+        w = class_weights.to(frame_logits.device)[label]
+        ce = F.cross_entropy(frame_logits, label, reduction="none")
+        self.sums[2] += float((w * ce).sum())
+        self.sums[3] += float(w.sum())
+        self.sums[1] += len(label)
+        probs = torch.softmax(frame_logits, dim=1)
+        head = probs.argmax(dim=1) != FRAME_NONE
+        self.confusion[1] += _confusion(head, gt)
+        fraction = torch.full((len(label),), float("nan"), device=frame_logits.device)
+        if mask_logits is not None:
+            sums = dice_sums(mask_logits, mask)
+            self.dice_i += sums.intersection.double().cpu()
+            self.dice_p += sums.prediction.double().cpu()
+            self.dice_t += sums.target.double().cpu()
+            self.sums[0] += float(F.cross_entropy(mask_logits.float(), mask, reduction="sum")) / mask[0].numel()
+            abdomen = 1.0 - torch.softmax(mask_logits.float(), dim=1)[:, 0]
+            fraction = (abdomen >= threshold).float().mean(dim=(1, 2))
+            self.confusion[0] += _confusion(fraction >= min_fraction, gt)
+        if self.keep_frames:
+            self.per_frame.append(torch.cat([fraction[:, None], probs, label[:, None].float()], 1).cpu().numpy())
+
+    def all_reduce(self) -> None:
+        """Sum every count over the ranks of the default process group (no-op without one)."""
+        if not (dist.is_available() and dist.is_initialized()):
+            return
+        for name in ("dice_i", "dice_p", "dice_t", "sums", "confusion"):
+            tensor = getattr(self, name)
+            device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+            reduced = tensor.to(device)
+            dist.all_reduce(reduced)
+            setattr(self, name, reduced.cpu())
+
+    def losses(self, dice_weight: float = 1.0, mask_ce_weight: float = 0.0, frame_weight: float = 1.0,
+               use_mask: bool = True) -> dict[str, float]:
+        frames = max(float(self.sums[1]), 1.0)
+        frame_ce = float(self.sums[2]) / max(float(self.sums[3]), 1e-12)
+        out = {"frame_ce": frame_ce}
+        total = frame_weight * frame_ce
+        if use_mask:
+            dice = float(DiceSums(self.dice_i, self.dice_p, self.dice_t).loss())
+            mask_ce = float(self.sums[0]) / frames
+            out.update(dice=dice, mask_ce=mask_ce)
+            total += dice_weight * dice + mask_ce_weight * mask_ce
+        out["loss"] = total
+        return out
+
+    def metrics(self, rule: str) -> dict[str, float]:
+        """frame_level_metrics of `rule` ("mask" or "head") from the accumulated counts."""
+        tp, fp, tn, fn = (int(v) for v in self.confusion[0 if rule == "mask" else 1])
+        pred = np.array([True] * tp + [True] * fp + [False] * tn + [False] * fn)
+        gt = np.array([True] * tp + [False] * fp + [False] * tn + [True] * fn)
+        return frame_level_metrics(pred, gt)
+
+    def frames_array(self) -> np.ndarray:
+        return np.concatenate(self.per_frame) if self.per_frame else np.zeros((0, 5), np.float32)
+
+
+def _confusion(pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
+    return torch.tensor([float((pred & gt).sum()), float((pred & ~gt).sum()), float((~pred & ~gt).sum()),
+                         float((~pred & gt).sum())], dtype=torch.float64)
+
+
+def autocast_for(device: torch.device, precision: str):
+    """bf16 autocast when asked for (or `auto` on a bf16-capable GPU); otherwise plain fp32."""
+    if precision == "fp32":
+        return nullcontext()
+    if device.type == "cuda":
+        if precision == "auto" and not torch.cuda.is_bf16_supported():
+            return torch.autocast("cuda", dtype=torch.float16)
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    if device.type == "cpu" and precision == "bf16":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+@torch.no_grad()
+def accumulate(forward, batches: Iterable, device: torch.device, class_weights: torch.Tensor,
+               precision: str = "auto", min_fraction: float | None = None, threshold: float | None = None,
+               keep_frames: bool = False, progress: bool = False, total: int | None = None,
+               desc: str = "eval") -> FrameStats:
+    """Run `forward(images) -> (mask_logits or None, frame_logits)` over `batches`, summing FrameStats."""
+    defaults = InferenceConfig()
+    min_fraction = defaults.min_mask_fraction if min_fraction is None else min_fraction
+    threshold = defaults.mask_threshold if threshold is None else threshold
+    stats = FrameStats(keep_frames=keep_frames)
+    for images, mask, label in tqdm(batches, total=total, desc=desc, unit="batch", leave=False,
+                                    disable=not progress):
+        images, mask, label = images.to(device), mask.to(device), label.to(device)
+        with autocast_for(device, precision):
+            mask_logits, frame_logits = forward(images)
+        stats.add(mask_logits, frame_logits, mask, label, class_weights, min_fraction, threshold)
+    return stats
+
+
+def frame_loader(dataset: FrameDataset, indices: Sequence[int] | None, batch_size: int, workers: int,
+                 rank: int = 0, world: int = 1) -> DataLoader:
+    """Deterministic, unaugmented batches over `indices` (all frames when None), sharded over ranks."""
+    chosen = np.arange(len(dataset)) if indices is None else np.asarray(indices)
+    subset = Subset(dataset, chosen[rank::world].tolist())
+    return DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=workers,
+                      pin_memory=torch.cuda.is_available(), persistent_workers=False)
+
+
+def frame_report(stats: FrameStats, trainable: int, effective: int | None = None, use_mask: bool = True
+                 ) -> dict[str, Any]:
+    """The JSON block of one model: both rules' metrics, parameter counts, frame count."""
+    report: dict[str, Any] = {"frames": int(stats.sums[1]), "trainable_parameters": int(trainable),
+                              "head": stats.metrics("head")}
+    if effective is not None:
+        report["effective_trainable_parameters"] = int(effective)
+    if use_mask:
+        report["mask_rule"] = stats.metrics("mask")
+    return report
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    if isinstance(value, int):
+        return f"{value / 1e6:.2f} M" if value >= 100_000 else str(value)
+    return str(value)
+
+
+def markdown_table(rows: dict[str, dict[str, Any]], with_paper: bool = True) -> str:
+    """Rows of {accuracy, f1, precision, recall, specificity, trainable_parameters} -> a Markdown table."""
+    header = "| model | " + " | ".join(METRIC_COLUMNS) + " | trainable params |"
+    lines = [header, "|" + "---|" * (len(METRIC_COLUMNS) + 2)]
+    all_rows = dict(rows)
+    if with_paper:
+        all_rows.update({name: dict(values) for name, values in PAPER_FRAME_TABLE.items()})
+    for name, values in all_rows.items():
+        cells = [_fmt(values.get(k)) for k in METRIC_COLUMNS] + [_fmt(values.get("trainable_parameters"))]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def table_rows(name: str, report: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """One model's report -> table rows (mask rule and head)."""
+    rows = {}
+    trainable, effective = report.get("trainable_parameters"), report.get("effective_trainable_parameters")
+    params = {"trainable_parameters": trainable if effective in (None, trainable)
+              else f"{_fmt(trainable)} ({_fmt(effective)} can change)"}
+    if "mask_rule" in report:
+        rows[f"{name}: mask >= 1 %"] = {**report["mask_rule"], **params}
+    rows[f"{name}: frame head"] = {**report["head"], **params}
+    return rows
+
+
+def evaluate_weights(weights: Path, prepared: Path, split: str = "test", device: str = "auto",
+                     batch_size: int = 32, workers: int = 0, precision: str = "auto",
+                     progress: bool = True) -> dict[str, Any]:
+    """Load a checkpoint in algorithm's format and score it on a prepared split."""
+    from algorithm.inference import resolve_device
+    from algorithm.model.checkpoint import load_checkpoint
+    from algorithm.model.fetalclipseg import trainable_parameters
+
+    dev = resolve_device(device)
+    model, info = load_checkpoint(weights, device=dev)
+    dataset = FrameDataset(prepared, split)
+    loader = frame_loader(dataset, None, batch_size, workers)
+
+    def forward(images: torch.Tensor):
+        out = model(images)
+        return out.mask_logits, out.frame_logits
+
+    stats = accumulate(forward, loader, dev, torch.ones(3), precision, progress=progress, total=len(loader),
+                       desc=f"{split} frames")
+    extra = info.extra or {}
+    trainable = int(extra.get("trainable_parameters", trainable_parameters(model)))
+    report = frame_report(stats, trainable, extra.get("effective_trainable_parameters"),
+                          use_mask=extra.get("mode") != "cls")
+    report.update(weights=str(weights), split=split, provenance=info.provenance)
+    return report
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m training.evaluate_frames", description=__doc__.splitlines()[0])
+    parser.add_argument("--prepared", type=Path, required=True)
+    parser.add_argument("--weights", type=Path, required=True)
+    parser.add_argument("--split", default="test", choices=["train", "val", "test"])
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--workers", type=int, default=0)
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--markdown", type=Path)
+    args = parser.parse_args(argv)
+    report = evaluate_weights(args.weights, args.prepared, args.split, args.device, args.batch_size,
+                              args.workers, args.precision)
+    table = markdown_table(table_rows(args.weights.stem, report))
+    print(table)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    if args.markdown:
+        args.markdown.parent.mkdir(parents=True, exist_ok=True)
+        args.markdown.write_text(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
