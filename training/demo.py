@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 from algorithm.__main__ import main as run_algorithm
@@ -38,13 +39,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     case_dir = make_case(args.folder, args.seed, args.frames_per_sweep)
     output = args.folder / "output"
+    started = time.perf_counter()
     code = run_algorithm(["--input", str(case_dir), "--output", str(output), "--device", args.device])
+    seconds = time.perf_counter() - started
     if code != 0:
         return code
     result = json.loads((output / "fetalclipseg" / "result.json").read_text())
     ac = f"{result['ac_mm']:.1f} mm" if result["ac_mm"] else "n/a"
     print(f"\nchosen frame: {result['frame']} ({result['plane']})   AC: {ac}   "
-          f"time: {result['timings_s']['total']:.1f} s on {result['device']}")
+          f"time: {seconds:.1f} s on {result['device']} ({result['frames_encoded']} of {result['frames_total']} frames encoded)")
     print(f"outputs: {output}\npicture: {output / 'fetalclipseg' / 'chosen_frame.png'}")
     return 0
 
