@@ -261,6 +261,25 @@ def test_resume_continues_from_the_saved_epoch(prepared, tmp_path):
     assert len(history) == 2 and (cfg.out / "trial_0" / "curves.png").is_file()
 
 
+def test_init_starts_from_saved_weights_and_rejects_another_architecture(prepared, tmp_path):
+    from algorithm.model.checkpoint import save_checkpoint
+
+    cfg = small_config(prepared, tmp_path / "run", max_steps=1)
+    source = Trainer(cfg)
+    source.fit()
+    exported = save_checkpoint(tmp_path / "w.safetensors", source.model, source.model.config, "test")
+    fresh = Trainer(dataclasses.replace(cfg, out=tmp_path / "fresh"))
+    assert any(not torch.equal(a, b) for a, b in zip(fresh.model.state_dict().values(),
+                                                       source.model.state_dict().values()))
+    for init in (exported, source.last_path):  # our checkpoint format, and a trainer's last.pt
+        started = Trainer(dataclasses.replace(cfg, out=tmp_path / f"init_{init.suffix[1:]}", init=init))
+        for key, value in started.model.state_dict().items():
+            assert torch.equal(value, source.model.state_dict()[key]), key
+    lora = dataclasses.replace(cfg, out=tmp_path / "lora", train_encoder=False, init=exported)
+    with pytest.raises(ValueError, match="does not fit this model"):
+        Trainer(lora)
+
+
 @pytest.mark.slow
 def test_train_export_run_algorithm_and_score(replica, prepared, tmp_path):
     """The chain: train a few steps -> algorithm's checkpoint -> python -m algorithm on a case -> score."""

@@ -78,6 +78,7 @@ class TrainConfig:
     mode: str = "fixed"  # fixed | paper | cls
     config: str = "full"  # full | small (ModelConfig / ModelConfig.small())
     fetalclip: Path | None = None  # published FetalCLIP weights (whole-CLIP checkpoint)
+    init: Path | None = None  # start from these weights (our .safetensors, or a last.pt/best.pt): fine-tuning
     train_encoder: bool = False  # all encoder weights trainable, no LoRA
     epochs: int = 5
     batch_size: int = 32  # per process
@@ -361,6 +362,23 @@ def configure_trainable(model: FetalCLIPSeg, cfg: TrainConfig) -> None:
         p.requires_grad = True
 
 
+def load_weights(model: FetalCLIPSeg, path: Path) -> None:
+    """Initialise `model` from a previous run: our checkpoint format or a trainer's last.pt / best.pt.
+
+    The architecture must match (same mode / config / LoRA setting); LoRA checkpoints are exported merged,
+    so continue LoRA runs from their best.pt instead."""
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path), device="cpu")
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=False)["model"]
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as error:
+        raise ValueError(f"--init {path} does not fit this model ({str(error).splitlines()[0]})") from None
+
+
 def effective_trainable_parameters(model: FetalCLIPSeg) -> int:
     """Parameters that can actually change: without those behind torch.no_grad (paper mode's encoder)."""
     encoder = sum(p.numel() for p in model.encoder.parameters() if p.requires_grad)
@@ -427,6 +445,8 @@ class Trainer:
             log.warning("no --fetalclip weights: the encoder is random and frozen (only LoRA/decoder/head "
                         "learn); use --train-encoder for a from-scratch encoder")
         self.model = build_model(self.model_config, cfg.fetalclip)
+        if cfg.init is not None:
+            load_weights(self.model, Path(cfg.init))
         configure_trainable(self.model, cfg)
         self.model.to(self.ctx.device)
         if cfg.channels_last:
@@ -676,7 +696,8 @@ class Trainer:
                    "encoder frozen" if cfg.mode == "cls" else
                    f"LoRA r{self.model_config.lora_rank} on {','.join(self.model_config.lora_targets)}"
                    + (" under no_grad (never trained)" if self.model_config.encoder_no_grad else ""))
-        init = "FetalCLIP weights" if cfg.fetalclip else "random initialisation"
+        init = (f"{Path(cfg.init).name}" if cfg.init else
+                "FetalCLIP weights" if cfg.fetalclip else "random initialisation")
         text = (f"FetalCLIPSEG {self.model_config.name}, mode {cfg.mode} ({encoder}; encoder from {init}); "
                 f"trained {self.state.epoch + 1} epoch(s), best epoch {self.state.best_epoch + 1}, seed {self.seed}, "
                 f"on {'the replica dataset' if replica else 'the ACOUSLIC-AI training data'} "
@@ -805,6 +826,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default="full", choices=["full", "small"])
     p.add_argument("--fetalclip", type=Path, help="FetalCLIP weights (whole-CLIP checkpoint)")
     p.add_argument("--train-encoder", action="store_true", help="train every encoder weight, no LoRA")
+    p.add_argument("--init", type=Path, help="start from these weights (.safetensors or last.pt/best.pt)")
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=32, help="per process")
     p.add_argument("--lr", type=float, default=3e-4)
@@ -846,6 +868,7 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(
         prepared=args.prepared, out=args.out, mode=args.mode, config=args.config, fetalclip=args.fetalclip,
+        init=args.init,
         train_encoder=args.train_encoder, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         weight_decay=args.weight_decay, schedule=args.schedule, warmup_steps=args.warmup_steps,
         clip_grad=args.clip_grad, device=args.device, precision=args.precision, threads=args.threads,
