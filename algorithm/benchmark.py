@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from .config import Config, InferenceConfig, ModelConfig
-from .inference import FrameScores, Predictor, StageTimer, liftoff_frames, resolve_device
+from .inference import FrameScores, Predictor, StageTimer, resolve_device
 from .postprocess import abdomen_probability, clean_mask
 from .preprocess import preprocess_frames
 from .select import NO_FRAME, select_frame
@@ -179,10 +179,22 @@ def cuda_peak(device: torch.device) -> Iterator[dict]:
 
 def count_flops(model: torch.nn.Module, config: ModelConfig, device: torch.device) -> dict[str, float]:
     """GFLOP of one frame through the encoder (+ frame head) and through the decoder (multiply-add = 2)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     x = torch.zeros(1, 3, config.image_size, config.image_size, device=device)
     dtype = next(model.encoder.parameters()).dtype
+    # FlopCounterMode has no formula for the fused `_native_multi_head_attention` kernel that
+    # nn.MultiheadAttention takes in inference: without this switch the in-projection and attention
+    # (about a third of ViT-L's FLOPs) go uncounted.
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        return _count_flops(model, x, dtype)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+
+
+def _count_flops(model: torch.nn.Module, x: torch.Tensor, dtype: torch.dtype) -> dict[str, float]:
+    from torch.utils.flop_counter import FlopCounterMode
+
     with torch.inference_mode():
         with FlopCounterMode(display=False) as counter:
             features, embedding = model.encoder(x.to(dtype))
@@ -194,7 +206,7 @@ def count_flops(model: torch.nn.Module, config: ModelConfig, device: torch.devic
     return {"encoder_gflop": encoder / 1e9, "decoder_gflop": decoder / 1e9, "total_gflop": (encoder + decoder) / 1e9}
 
 
-def activation_bytes_per_frame(model: torch.nn.Module, config: ModelConfig, batch: int = 2) -> float:
+def activation_bytes_per_frame(model: torch.nn.Module, config: ModelConfig, batch: int = 4) -> float:
     """Peak bytes of tensors alive during one fp32 forward pass of a CPU model, per frame, from the
     profiler's allocation events. Under CUDA fp16 autocast most activations take half of that, the
     residual stream and normalisation outputs stay fp32: the fp32 figure is an upper bound."""
@@ -665,9 +677,11 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     }
     if not args.no_flops:
         report["flops"] = flops_report(predictor, weights, report, device)
-        if device.type == "cpu":
-            model = reference.model
-            per_frame = activation_bytes_per_frame(model, weights.config)
+        if device.type == "cpu" and not args.quick:  # the T4 estimate is about the full model
+            model = weights.model()  # fp32, LoRA merged as in inference (peft's unmerged attention
+            if hasattr(model, "merge_lora"):  # adapter allocates weight-sized temporaries on every call)
+                model.merge_lora()
+            per_frame = activation_bytes_per_frame(model.eval(), weights.config, batch=4)
             report["memory"]["estimate_t4"] = memory_estimate(model, weights.config, 32, per_frame)
     return report
 

@@ -25,8 +25,6 @@ Speed (issue 7; `python -m algorithm.benchmark` measures every item against the 
 from __future__ import annotations
 
 import logging
-import math
-import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext

@@ -120,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--expect", choices=("any", "found", "none"), default="any",
                         help="found: a frame must be chosen; none: -1 and an empty mask")
     parser.add_argument("--label", default="", help="name used in messages")
+    parser.add_argument("--truth", type=Path, help="reference annotation (0 background, 1 optimal, 2 suboptimal): "
+                        "reports the label of the chosen frame (information only)")
     args = parser.parse_args(argv)
     report = Report(args.label or str(args.output))
 
@@ -162,6 +164,12 @@ def main(argv: list[str] | None = None) -> int:
         for failure in report.failures:
             print(f"[check]   - {failure}", file=sys.stderr)
         return 1
+    if args.truth is not None and args.truth.is_file() and frame is not None:
+        truth = sitk.GetArrayFromImage(sitk.ReadImage(str(args.truth)))
+        annotated = {int(v) for v in np.unique(truth.reshape(truth.shape[0], -1).max(axis=1)) if v}
+        label = {0: "background", 1: "optimal", 2: "suboptimal"}
+        chosen = label.get(int(truth[frame].max()), "?") if 0 <= frame < len(truth) else "no frame"
+        summary += f", annotation on the chosen frame: {chosen} (case has {len(np.flatnonzero(truth.reshape(truth.shape[0], -1).any(axis=1)))} annotated frames{', labels ' + str(sorted(annotated)) if annotated else ''})"
     extra = " (identical to the reference run)" if args.reference is not None else ""
     print(f"[check] {report.label}: OK {summary}{extra}")
     return 0

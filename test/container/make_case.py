@@ -7,6 +7,7 @@
 
     <case-dir>/input/images/stacked-fetal-ultrasound/<uuid>.mha
     <case-dir>/input/inputs.json
+    <case-dir>/reference/<uuid>.mha      (the phantom's annotation, when it wrote one; not mounted)
 
 where inputs.json is a list of socket values like the one grand-challenge writes for a job (the
 algorithm's input socket `stacked-fetal-ultrasound`, an Image socket with relative_path
@@ -22,6 +23,7 @@ import uuid
 from pathlib import Path
 
 SOURCE_IMAGES = Path("images") / "stacked_fetal_ultrasound"  # public release layout (training/layout.py)
+SOURCE_MASKS = Path("masks") / "stacked_fetal_abdomen"
 INPUT_SLUG = "stacked-fetal-ultrasound"
 INPUT_RELATIVE_PATH = "images/stacked-fetal-ultrasound"
 
@@ -68,6 +70,10 @@ def main(argv: list[str] | None = None) -> int:
     folder = args.case_dir / "input" / INPUT_RELATIVE_PATH
     folder.mkdir(parents=True)
     shutil.move(str(image), folder / image.name)
+    truth = args.source / SOURCE_MASKS / image.name
+    if truth.is_file():  # the reference annotation, kept next to (not inside) what is mounted at /input
+        (args.case_dir / "reference").mkdir()
+        shutil.move(str(truth), args.case_dir / "reference" / image.name)
     (args.case_dir / "input" / "inputs.json").write_text(json.dumps(inputs_json(image.name), indent=2) + "\n")
     print(f"make_case: {args.case_dir / 'input'} <- {image.name}")
     return 0
