@@ -82,6 +82,7 @@ class InferenceConfig:
 
     device: str = "auto"  # auto | cpu | cuda
     batch_size: int = 32
+    cpu_decoder_chunk: int = 8  # frames per decoder call on the CPU (bounds peak memory; see inference.py)
     amp: bool = True  # fp16/bf16 autocast on CUDA; always fp32 on CPU
     sweeps: int = SWEEPS_PER_CASE
     # A frame is a candidate when its predicted mask covers at least this fraction of the network input
@@ -94,9 +95,10 @@ class InferenceConfig:
     mask_threshold: float = 0.5
     # Coarse-to-fine search: encode every `coarse_stride`-th frame first, then refine around the best
     # candidates of each sweep. 1 = dense scan of every frame; 0 = auto: dense on CUDA, every
-    # `cpu_coarse_stride`-th frame on the CPU (see algorithm/inference.py).
+    # `cpu_coarse_stride`-th frame on the CPU for wide encoders (see algorithm/inference.py).
     coarse_stride: int = 0
     cpu_coarse_stride: int = 8
+    cpu_coarse_min_width: int = 512  # auto on the CPU: coarse search only for encoders this wide (ViT-B/L)
     refine_radius: int = 4
     refine_candidates: int = 2  # frames per sweep around which the coarse search refines
     # Frames whose mean grey level is below this are probe lift-off and are never encoded.

@@ -17,7 +17,7 @@ Speed (issue 7; `python -m algorithm.benchmark` measures every item against the 
   smoothed P(abdomen) reaches `min_quality_probability`, and a smoothed value reaches it only if some frame
   of its smoothing window does. So the mask decoder runs only on frames with such a neighbour; the others
   keep a NaN mask fraction. The chosen frame is exactly the one a full decode gives.
-* Coarse-to-fine search (`coarse_stride` > 1, the CPU default): encode every k-th non-lift-off frame of each
+* Coarse-to-fine search (`coarse_stride` > 1, the CPU default for wide encoders): encode every k-th frame of each
   sweep, then encode the +-`refine_radius` neighbourhood of the best `refine_candidates` frames of every
   sweep, and repeat while the best frames move (a run of abdomen frames is followed to its best frame).
   Lift-off frames are never encoded.
@@ -40,7 +40,7 @@ from .config import FRAME_NONE, FRAME_OPTIMAL, FRAME_SUBOPTIMAL, Config, Inferen
 from .fov import fov_from_stack
 from .postprocess import abdomen_probability, clean_mask
 from .preprocess import preprocess_frames
-from .select import NO_FRAME, Selection, nan_moving_average, select_frame, sweep_bounds
+from .select import NO_FRAME, Selection, evidence, nan_moving_average, select_frame, sweep_bounds
 
 log = logging.getLogger(__name__)
 
@@ -73,11 +73,16 @@ def cpu_has_fast_bf16() -> bool:
         return False
 
 
-def resolve_coarse_stride(config: InferenceConfig, device: torch.device) -> int:
-    """`coarse_stride` 0 (auto) -> 1 (dense) on CUDA, `cpu_coarse_stride` on the CPU."""
+def resolve_coarse_stride(config: InferenceConfig, device: torch.device, encoder_width: int | None = None) -> int:
+    """`coarse_stride` 0 (auto) -> 1 (dense) on CUDA; on the CPU `cpu_coarse_stride` for encoders at least
+    `cpu_coarse_min_width` wide (ViT-L: seconds per frame), dense for narrower ones (the small
+    configuration scans a whole case in about the time ViT-L needs for a stride-8 subsample, and a short
+    run of abdomen frames can fall between two coarse frames)."""
     if config.coarse_stride > 0:
         return config.coarse_stride
-    return 1 if device.type == "cuda" else max(1, config.cpu_coarse_stride)
+    if device.type == "cuda" or (encoder_width is not None and encoder_width < config.cpu_coarse_min_width):
+        return 1
+    return max(1, config.cpu_coarse_stride)
 
 
 @dataclass
@@ -260,7 +265,7 @@ class Predictor:
         self.split = all(hasattr(self.model, part) for part in ("encoder", "decoder", "frame_head"))
         self.lazy_decoder = self.split and (
             inference.lazy_decoder == "on" or (inference.lazy_decoder == "auto" and self.device.type == "cpu"))
-        self.coarse_stride = resolve_coarse_stride(inference, self.device)
+        self.coarse_stride = resolve_coarse_stride(inference, self.device, getattr(config.model, "width", None))
         self.precision = self._precision()
         # CPU bf16: the encoder's weights are cast once (CPU autocast re-casts every weight on every call and
         # sends 3-D linears through a batched-matmul path that copies the weight: slower than fp32 here).
@@ -325,6 +330,17 @@ class Predictor:
             inputs = inputs.contiguous(memory_format=torch.channels_last)
         return inputs
 
+    def _decode_masks(self, inputs: torch.Tensor, features: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decoder + `_mask_outputs` in chunks of `cpu_decoder_chunk` frames on the CPU: the decoder's
+        full-resolution activations (~30 MB per frame for the small model) are what bounds peak memory, not
+        the batch's inputs. One chunk on CUDA."""
+        chunk = len(inputs) if self.device.type == "cuda" else max(1, self.config.inference.cpu_decoder_chunk)
+        parts = [self._mask_outputs(self._decoder(inputs[i:i + chunk], [f[i:i + chunk] for f in features]))
+                 for i in range(0, len(inputs), chunk)]
+        if len(parts) == 1:
+            return parts[0]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
     def _mask_outputs(self, mask_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, C, s, s) logits -> abdomen probability (B, s, s) float16 and mask fraction (B,), on device."""
         abdomen = 1.0 - torch.softmax(mask_logits.float(), dim=1)[:, 0]
@@ -361,7 +377,7 @@ class Predictor:
                 features, probabilities = self._encode(inputs)
             if not self.lazy_decoder:
                 with timer.device_span("decode"), self._autocast():
-                    abdomen, fractions = self._mask_outputs(self._decoder(inputs, features))
+                    abdomen, fractions = self._decode_masks(inputs, features)
                 deferred.append((chunk, probabilities, abdomen, fractions))
             else:
                 scores.probabilities[chunk] = probabilities.cpu().numpy()
@@ -413,7 +429,7 @@ class Predictor:
     def _decode_into(self, scores: FrameScores, frames: np.ndarray, inputs: torch.Tensor,
                      features: list[torch.Tensor], timer: StageTimer) -> None:
         with timer.device_span("decode"), self._autocast():
-            abdomen, fractions = self._mask_outputs(self._decoder(inputs, features))
+            abdomen, fractions = self._decode_masks(inputs, features)
         scores.mask_fractions[frames] = fractions.cpu().numpy()
         abdomen = abdomen.cpu()
         for row, frame in enumerate(frames.tolist()):
@@ -492,7 +508,7 @@ class Predictor:
 
     def refine_centres(self, scores: FrameScores) -> list[int]:
         """The best `refine_candidates` encoded frames of each sweep, ranked as `select` ranks frames
-        (tier, smoothed score, mask size), at least `refine_radius` apart, among the frames whose smoothed
+        (tier, evidence, mask size), at least `refine_radius` apart, among the frames whose smoothed
         P(abdomen) reaches REFINE_FLOOR x min_quality_probability."""
         inference = self.config.inference
         probs = scores.probabilities
@@ -511,10 +527,11 @@ class Predictor:
                             np.where(big & (p_abdomen >= threshold), FRAME_SUBOPTIMAL, FRAME_NONE))
             score = np.nan_to_num(np.where(tier == FRAME_OPTIMAL, p_opt, p_abdomen), nan=-1.0)
             floor = REFINE_FLOOR * threshold
-            keys = [(tier[i], score[i], area[i], -i) for i in encoded if p_abdomen[i] >= floor]
+            rank = evidence(score, area)
+            keys = [(tier[i], rank[i], score[i], area[i], -i) for i in encoded if p_abdomen[i] >= floor]
             taken: list[int] = []
             for key in sorted(keys, reverse=True):
-                frame = -int(key[3])
+                frame = -int(key[-1])
                 if all(abs(frame - t) > inference.refine_radius for t in taken):
                     taken.append(frame)
                 if len(taken) >= max(1, inference.refine_candidates):

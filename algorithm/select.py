@@ -6,6 +6,12 @@ sweep-aware: scores are smoothed along time inside each sweep only (a sweep bord
 neighbour), frames whose mask is too small (the paper's 1 % rule) are never chosen, an optimal frame beats
 any suboptimal one, and -1 is returned when no frame qualifies.
 
+Inside a tier, frames are ranked by `evidence` = head probability x mask fraction, not by the probability
+alone: the AC is measured where the abdomen's cross-section is large *and* the head is confident. Ranking
+by probability first lets a few hundredths of head noise outvote a mask twice the size (measured on the
+replica with the small demo weights, whose frame head is nearly flat: the largest masks sat on the
+annotated frames, the most confident head outputs did not).
+
 Frames that were not run through the network (lift-off frames, or frames skipped by a coarse search) carry
 NaN and are ignored by the smoothing rather than counted as zeros.
 """
@@ -75,7 +81,7 @@ def nan_moving_average(values: np.ndarray, window: int) -> np.ndarray:
 
 def _best_in_sweep(sweep: int, start: int, stop: int, probs: np.ndarray, fractions: np.ndarray,
                    config: InferenceConfig) -> Candidate:
-    """Highest-ranked frame of one sweep: tier first, then score, then mask size, then earliest frame."""
+    """Highest-ranked frame of one sweep: tier first, then evidence, then mask size, then earliest frame."""
     p_opt = probs[start:stop, FRAME_OPTIMAL]
     p_abdomen = probs[start:stop, FRAME_OPTIMAL] + probs[start:stop, FRAME_SUBOPTIMAL]
     area = fractions[start:stop]
@@ -88,10 +94,15 @@ def _best_in_sweep(sweep: int, start: int, stop: int, probs: np.ndarray, fractio
     score = np.nan_to_num(score, nan=-1.0)
     area_key = np.nan_to_num(area, nan=-1.0)
     # lexsort sorts by the last key first; negative index makes ties go to the earliest frame.
-    order = np.lexsort((-np.arange(stop - start), area_key, score, tier))
+    order = np.lexsort((-np.arange(stop - start), area_key, evidence(score, area_key), tier))
     best = int(order[-1])
     return Candidate(sweep=sweep, frame=start + best, tier=int(tier[best]), score=float(score[best]),
                      mask_fraction=float(max(area_key[best], 0.0)))
+
+
+def evidence(score: np.ndarray | float, mask_fraction: np.ndarray | float) -> np.ndarray:
+    """Ranking key inside a tier: head probability x mask fraction (0 where either is missing)."""
+    return np.clip(score, 0.0, None) * np.clip(mask_fraction, 0.0, None)
 
 
 def select_frame(frame_probabilities: np.ndarray, mask_fractions: np.ndarray,
@@ -113,5 +124,5 @@ def select_frame(frame_probabilities: np.ndarray, mask_fractions: np.ndarray,
     qualified = [c for c in candidates if c.tier != FRAME_NONE]
     if not qualified:
         return Selection(NO_FRAME, tuple(candidates), smoothed)
-    best = max(qualified, key=lambda c: (c.tier, c.score, c.mask_fraction, -c.frame))
+    best = max(qualified, key=lambda c: (c.tier, float(evidence(c.score, c.mask_fraction)), c.mask_fraction, -c.frame))
     return Selection(best.frame, tuple(candidates), smoothed)

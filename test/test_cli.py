@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import resource
+import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,20 @@ def run_cli(*args: str, check: bool = False) -> subprocess.CompletedProcess:
     if check and completed.returncode != 0:
         raise AssertionError(f"exit {completed.returncode}: {completed.stderr[-2000:]}")
     return completed
+
+
+def run_cli_peak_rss(*args: str) -> float:
+    """Run the CLI, require exit 0, return that process's own peak resident memory in GiB (os.wait4's
+    rusage of this child alone; RUSAGE_CHILDREN would be the maximum over every child the test session ran)."""
+    with tempfile.TemporaryFile() as err:
+        process = subprocess.Popen([sys.executable, "-m", "algorithm", *args], cwd=REPO,
+                                   stdout=subprocess.DEVNULL, stderr=err)
+        _, status, usage = os.wait4(process.pid, 0)
+        process.returncode = os.waitstatus_to_exitcode(status)
+        if process.returncode != 0:
+            err.seek(0)
+            raise AssertionError(f"exit {process.returncode}: {err.read().decode()[-2000:]}")
+    return usage.ru_maxrss / 2**20  # Linux reports KiB
 
 
 def tree_digest(folder: Path) -> dict[str, str]:
@@ -80,15 +95,16 @@ def test_full_case_contract_deterministic_and_input_untouched(full_case, random_
     """840 frames: exact contract, byte-identical outputs twice, /input unchanged, bounded memory."""
     case, _, _ = full_case
     before = tree_digest(case)
-    digests = []
+    digests, peaks = [], []
     for run in range(2):
         output = tmp_path / f"out{run}"
-        run_cli("--input", str(case), "--output", str(output), "--weights", str(random_weights),
-                "--device", "cpu", "--no-extras", check=True)
+        peaks.append(run_cli_peak_rss("--input", str(case), "--output", str(output), "--weights",
+                                      str(random_weights), "--device", "cpu", "--no-extras"))
         assert_contract(next((case / "images" / "stacked-fetal-ultrasound").glob("*.mha")), output)
         digests.append(tree_digest(output))
     assert digests[0] == digests[1]
     assert tree_digest(case) == before
-    peak_gib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
-    print(f"peak resident memory of one CPU run on an 840-frame case: {peak_gib:.2f} GiB")
-    assert peak_gib < 3.0
+    peak_gib = max(peaks)
+    print(f"peak resident memory of one CPU run on an 840-frame case: {peak_gib:.2f} GiB "
+          f"({peak_gib * 2**30 / 1e9:.2f} GB)")
+    assert peak_gib * 2**30 < 3e9  # issue 6: under 3 GB with the small model

@@ -115,11 +115,15 @@ def test_coarse_frames_skip_lift_off_and_cover_every_sweep():
     assert len(coarse) <= len(candidates) // 4 + config.inference.sweeps
 
 
-def test_auto_stride_is_dense_on_cuda_and_coarse_on_the_cpu():
+def test_auto_stride_is_dense_on_cuda_and_coarse_on_the_cpu_for_wide_encoders():
     inference = Config().inference
     assert inference.coarse_stride == 0  # auto
     assert resolve_coarse_stride(inference, torch.device("cuda")) == 1
     assert resolve_coarse_stride(inference, torch.device("cpu")) == inference.cpu_coarse_stride > 1
+    full, small = ModelConfig(), ModelConfig.small()
+    assert resolve_coarse_stride(inference, torch.device("cpu"), full.width) == inference.cpu_coarse_stride
+    assert resolve_coarse_stride(inference, torch.device("cpu"), small.width) == 1
+    assert Predictor(build_model(small), Config(model=small).replace(device="cpu")).coarse_stride == 1
     explicit = Config().replace(coarse_stride=3).inference
     assert resolve_coarse_stride(explicit, torch.device("cuda")) == 3
 

@@ -104,3 +104,21 @@ def test_nan_moving_average_matches_plain_average_without_nans():
 def test_shape_mismatch_is_rejected():
     with pytest.raises(ValueError):
         select_frame(np.zeros((10, 2)), np.zeros(10), CONFIG)
+
+
+def test_within_a_tier_a_larger_cross_section_outweighs_head_noise():
+    # A nearly flat head (as the small demo weights have): the larger mask wins over +0.04 of P(abdomen).
+    probs, area = probabilities(60), np.zeros(60)
+    set_frames(probs, range(10, 15), p_opt=0.2, p_sub=0.42)
+    set_frames(probs, range(40, 45), p_opt=0.2, p_sub=0.46)
+    area[10:15], area[40:45] = 0.09, 0.05
+    assert 10 <= select_frame(probs, area, CONFIG).frame < 15
+
+
+def test_within_a_tier_a_confident_head_outweighs_a_somewhat_larger_mask():
+    probs, area = probabilities(60), np.zeros(60)
+    set_frames(probs, range(10, 15), p_opt=0.95, p_sub=0.0)
+    set_frames(probs, range(40, 45), p_opt=0.51, p_sub=0.0)
+    area[10:15], area[40:45] = 0.05, 0.08
+    selection = select_frame(probs, area, CONFIG)
+    assert 10 <= selection.frame < 15 and selection.candidates[1].tier == FRAME_OPTIMAL
