@@ -60,6 +60,25 @@ def load(weights_path: Path, overrides: dict):
         raise AlgorithmError(str(error)) from None
 
 
+def peak_memory_gib() -> float:
+    """This process's peak resident memory since it started the interpreter, in GiB.
+
+    Linux's VmHWM belongs to the address space that exec created, so it does not include the parent's
+    memory the way `ru_maxrss` does for a child forked from a large process (a test runner, a notebook);
+    `ru_maxrss` is the fallback elsewhere."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2**20  # kB
+    except OSError:
+        pass
+    import resource
+
+    scale = 2**30 if sys.platform == "darwin" else 2**20  # bytes on macOS, kB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale
+
+
 def process_case(predictor, checkpoint: dict, stack: Stack, output: Path, extras: bool = True,
                  progress: Callable[[int], None] | None = None):
     """Predict one read stack and write its outputs (and, with `extras`, result.json and the picture).
@@ -110,8 +129,9 @@ def run(args: argparse.Namespace) -> dict:
         log.info("sweep %d: best frame %d (tier %d, score %.3f, mask %.1f %%)", candidate.sweep + 1,
                  candidate.frame, candidate.tier, candidate.score, 100 * candidate.mask_fraction)
     ac = f"{result.ac_mm:.1f} mm" if result.ac_mm else "n/a"
-    log.info("chosen frame %d (%s), AC %s, %d/%d frames encoded, %.1f s", result.frame, summary["plane"], ac,
-             result.frames_encoded, len(stack.array), summary["timings_s"]["total"])
+    log.info("chosen frame %d (%s), AC %s, %d/%d frames encoded, %.1f s, peak memory %.2f GiB", result.frame,
+             summary["plane"], ac, result.frames_encoded, len(stack.array), summary["timings_s"]["total"],
+             peak_memory_gib())
     if not args.no_extras:
         log.info("picture: %s", args.output / EXTRAS_DIR / "chosen_frame.png")
     return summary
