@@ -40,7 +40,7 @@ from .config import FRAME_NONE, FRAME_OPTIMAL, FRAME_SUBOPTIMAL, Config, Inferen
 from .fov import fov_from_stack
 from .postprocess import abdomen_probability, clean_mask
 from .preprocess import preprocess_frames
-from .select import NO_FRAME, Selection, evidence, nan_moving_average, select_frame, sweep_bounds
+from .select import NO_FRAME, Selection, evidence, frame_tiers, nan_moving_average, select_frame, sweep_bounds
 
 log = logging.getLogger(__name__)
 
@@ -518,15 +518,10 @@ class Predictor:
             if not len(encoded):
                 continue
             smoothed = nan_moving_average(probs[start:stop], inference.smoothing_window)
-            p_opt = smoothed[:, FRAME_OPTIMAL]
             p_abdomen = smoothed[:, FRAME_OPTIMAL] + smoothed[:, FRAME_SUBOPTIMAL]
             area = np.nan_to_num(scores.mask_fractions[start:stop], nan=0.0)
-            big = area >= inference.min_mask_fraction
-            threshold = inference.min_quality_probability
-            tier = np.where(big & (p_opt >= threshold), FRAME_OPTIMAL,
-                            np.where(big & (p_abdomen >= threshold), FRAME_SUBOPTIMAL, FRAME_NONE))
-            score = np.nan_to_num(np.where(tier == FRAME_OPTIMAL, p_opt, p_abdomen), nan=-1.0)
-            floor = REFINE_FLOOR * threshold
+            tier, score = frame_tiers(smoothed, area, inference)
+            floor = REFINE_FLOOR * inference.min_quality_probability
             rank = evidence(score, area)
             keys = [(tier[i], rank[i], score[i], area[i], -i) for i in encoded if p_abdomen[i] >= floor]
             taken: list[int] = []

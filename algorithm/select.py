@@ -82,22 +82,30 @@ def nan_moving_average(values: np.ndarray, window: int) -> np.ndarray:
 def _best_in_sweep(sweep: int, start: int, stop: int, probs: np.ndarray, fractions: np.ndarray,
                    config: InferenceConfig) -> Candidate:
     """Highest-ranked frame of one sweep: tier first, then evidence, then mask size, then earliest frame."""
-    p_opt = probs[start:stop, FRAME_OPTIMAL]
-    p_abdomen = probs[start:stop, FRAME_OPTIMAL] + probs[start:stop, FRAME_SUBOPTIMAL]
     area = fractions[start:stop]
-    big_enough = np.nan_to_num(area, nan=0.0) >= config.min_mask_fraction
-    threshold = config.min_quality_probability
-    optimal = big_enough & (np.nan_to_num(p_opt, nan=0.0) >= threshold)
-    suboptimal = big_enough & (np.nan_to_num(p_abdomen, nan=0.0) >= threshold)
-    tier = np.where(optimal, FRAME_OPTIMAL, np.where(suboptimal, FRAME_SUBOPTIMAL, FRAME_NONE))
-    score = np.where(tier == FRAME_OPTIMAL, p_opt, p_abdomen)
-    score = np.nan_to_num(score, nan=-1.0)
+    tier, score = frame_tiers(probs[start:stop], area, config)
     area_key = np.nan_to_num(area, nan=-1.0)
     # lexsort sorts by the last key first; negative index makes ties go to the earliest frame.
     order = np.lexsort((-np.arange(stop - start), area_key, evidence(score, area_key), tier))
     best = int(order[-1])
     return Candidate(sweep=sweep, frame=start + best, tier=int(tier[best]), score=float(score[best]),
                      mask_fraction=float(max(area_key[best], 0.0)))
+
+
+def frame_tiers(smoothed: np.ndarray, mask_fractions: np.ndarray, config: InferenceConfig
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """Tier (FRAME_OPTIMAL / FRAME_SUBOPTIMAL / FRAME_NONE) and score of each frame from its smoothed
+    (N, 3) head probabilities and mask fraction: the score is P(optimal) in the optimal tier, else
+    P(optimal) + P(suboptimal); NaN (not run) scores -1. Shared by `select_frame` and the coarse search."""
+    p_opt = smoothed[:, FRAME_OPTIMAL]
+    p_abdomen = smoothed[:, FRAME_OPTIMAL] + smoothed[:, FRAME_SUBOPTIMAL]
+    big_enough = np.nan_to_num(mask_fractions, nan=0.0) >= config.min_mask_fraction
+    threshold = config.min_quality_probability
+    optimal = big_enough & (np.nan_to_num(p_opt, nan=0.0) >= threshold)
+    suboptimal = big_enough & (np.nan_to_num(p_abdomen, nan=0.0) >= threshold)
+    tier = np.where(optimal, FRAME_OPTIMAL, np.where(suboptimal, FRAME_SUBOPTIMAL, FRAME_NONE))
+    score = np.nan_to_num(np.where(tier == FRAME_OPTIMAL, p_opt, p_abdomen), nan=-1.0)
+    return tier, score
 
 
 def evidence(score: np.ndarray | float, mask_fraction: np.ndarray | float) -> np.ndarray:
