@@ -180,6 +180,68 @@ def test_mixed_batches_add_head_only_negatives():
     assert len(shards[0]) == len(shards[1]) == 3  # 5 batches padded to 6, three per rank
 
 
+def test_draw_negatives_takes_its_hard_share_from_the_frames_the_head_gets_wrong():
+    from training.mining import Hardness, draw_negatives
+
+    negatives = np.arange(1000)
+    pool = np.arange(0, 1000, 2)  # every even frame scored
+    p_abdomen = np.where(pool < 20, 0.99, 0.0)  # ten look-alikes among them, the rest clearly rejected
+    hardness = Hardness(pool, p_abdomen)
+    assert hardness.summary() == {"pool": 500, "mean_p_abdomen": pytest.approx(0.0198), "called_abdomen": 10}
+    draws = [draw_negatives(np.random.default_rng(s), negatives, 40, hardness, 0.5) for s in range(20)]
+    for drawn in draws:
+        assert len(drawn) == 40 and len(set(drawn.tolist())) == 40 and set(drawn.tolist()) <= set(negatives)
+        assert set(range(0, 20, 2)) <= set(drawn.tolist())  # all ten look-alikes, every time
+    uniform = [draw_negatives(np.random.default_rng(s), negatives, 40) for s in range(20)]
+    hits = np.mean([np.isin(np.arange(0, 20, 2), u).sum() for u in uniform])
+    assert hits < 2  # uniformly, about 40/1000 of them
+    # the hard share is capped by the pool that lies inside `negatives`, and the size is kept
+    few = draw_negatives(np.random.default_rng(0), np.arange(5, 30), 20, hardness, 1.0)
+    assert len(set(few.tolist())) == 20 and set(few.tolist()) <= set(range(5, 30))
+
+
+def test_samplers_draw_mined_negatives_and_keep_their_size():
+    from training.mining import Hardness
+
+    labels = np.array([0] * 900 + [1] * 6 + [2] * 4)
+    hard = np.arange(0, 900, 100)  # nine negatives the head calls abdomen
+    hardness = Hardness(np.arange(900), np.isin(np.arange(900), hard).astype(float))
+    mixed = MixedBatches(labels, seed=2, batch_size=4, negatives_per_positive=1.0, head_negatives_per_positive=3.0)
+    before = mixed.batches()
+    mixed.hardness, mixed.hard_fraction = hardness, 1.0
+    after = mixed.batches()
+    assert len(after) == len(before) == len(mixed)
+    assert sorted(len(b) for b in after) == sorted(len(b) for b in before)
+    shown = {i for b in after for i, _ in b}
+    assert set(hard.tolist()) <= shown and len({i for b in before for i, _ in b} & set(hard.tolist())) < 9
+    epoch = EpochSampler(labels, seed=1, negatives_per_positive=2.0)
+    size = len(epoch.epoch_indices())
+    epoch.hardness, epoch.hard_fraction = hardness, 1.0
+    indices = epoch.epoch_indices()
+    assert len(indices) == size and set(hard.tolist()) <= set(indices.tolist())
+
+
+def test_mining_scores_the_pool_with_the_frame_head_and_logs_it(prepared, tmp_path):
+    cfg = small_config(prepared, tmp_path / "run", head_negatives_per_positive=1.0, hard_negatives=0.5,
+                       hard_negative_pool=16, hard_negatives_from=1, epochs=2)
+    trainer = Trainer(cfg)
+    assert trainer.mine_hard_negatives(0) is None  # before hard_negatives_from
+    summary = trainer.mine_hard_negatives(1)
+    hardness = trainer.sampler.hardness
+    assert summary["pool"] == len(hardness.frames) == 16 and trainer.sampler.hard_fraction == 0.5
+    assert np.all(trainer.train_set.labels[hardness.frames] == FRAME_NONE)
+    # the scores are the head's: recompute one frame by hand
+    frame = int(hardness.frames[3])
+    image = FrameDataset(prepared, "train")[frame][0][None]
+    with torch.no_grad():
+        logits = trainer.model.frame_head(trainer.model.encoder(image)[1])
+    assert hardness.p_abdomen[3] == pytest.approx(1 - torch.softmax(logits, 1)[0, FRAME_NONE].item(), abs=1e-5)
+    trainer.fit()
+    assert "mined_pool" not in trainer.state.history[0] and trainer.state.history[1]["mined_pool"] == 16
+    with pytest.raises(ValueError, match="hard negatives need"):
+        TrainConfig(prepared=prepared, out=tmp_path, hard_negatives=0.5).validate()
+
+
 def test_class_weights_from_counts():
     w = class_weights([900, 60, 40], power=1.0)
     assert w[2] > w[1] > w[0]
@@ -311,3 +373,24 @@ def test_train_export_run_algorithm_and_score(replica, prepared, tmp_path):
     report = evaluate(tmp_path / "predictions", replica)
     assert report["cases"][uuid]["score"] is not None
     assert 0.0 <= report["cases"][uuid]["score"] <= 1.0
+
+
+@pytest.mark.slow
+def test_demo_weights_command_trains_then_mines_and_writes_labelled_weights(tmp_path):
+    """`python -m training demo-weights` end to end at toy size: stage 1, the hard-negative stage from its
+    best weights, and the bundled-weights file with its provenance."""
+    from algorithm.model.checkpoint import load_checkpoint
+
+    out = tmp_path / "demo.safetensors"
+    subprocess.run([sys.executable, "-m", "training", "demo-weights", "--work", str(tmp_path / "work"),
+                    "--out", str(out), "--cases", "8", "--frames-per-sweep", "6", "--epochs", "1",
+                    "--mine-epochs", "1", "--val-max-frames", "8", "--batch-size", "4", "--warmup-steps", "1"],
+                   check=True, cwd=REPO, capture_output=True)
+    model, info = load_checkpoint(out)
+    assert "not for clinical use" in info.provenance
+    assert "1 epochs + 1 epochs of hard-negative mining (0.5 of the negatives" in info.provenance
+    mined = json.loads((tmp_path / "work" / "mine" / "trial_0" / "history.json").read_text())
+    assert mined[0]["mined_pool"] > 0 and 0.0 <= mined[0]["mined_mean_p_abdomen"] <= 1.0
+    config = json.loads((tmp_path / "work" / "mine" / "train_config.json").read_text())
+    assert config["init"] == str(tmp_path / "work" / "train" / "fetalclipseg.safetensors")
+    assert config["hard_negatives"] == 0.5 and config["lr"] == 3e-4

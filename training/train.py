@@ -59,6 +59,7 @@ from training.dataset import FrameDataset, read_manifest
 from training.evaluate_frames import (METRIC_COLUMNS, FrameStats, accumulate, autocast_for, frame_loader,
                                       frame_report, markdown_table, table_rows)
 from training.losses import LossWeights, SegLoss, class_weights
+from training.mining import Hardness, draw_negatives, mining_pool, score_negatives
 from training.report_plots import plot_history
 
 log = logging.getLogger("training")
@@ -103,6 +104,12 @@ class TrainConfig:
     # per epoch and positive, extra negatives that run through encoder + frame head only (no decoder pass:
     # ~1/6 of a full step's CPU cost); they teach the head to reject, added to every batch in proportion
     head_negatives_per_positive: float | None = None
+    # Hard-negative mining (training.mining): this fraction of each epoch's negatives is drawn in proportion
+    # to the frame head's P(abdomen) on a fresh pool of `hard_negative_pool` negatives, from epoch
+    # `hard_negatives_from` (0-based) on. 0 = uniform negatives (the paper).
+    hard_negatives: float = 0.0
+    hard_negative_pool: int = 4096
+    hard_negatives_from: int = 0
     class_weight_power: float | None = None  # None: 0.5, or 0 with the balanced sampler (training.losses)
     dice_weight: float = 1.0
     mask_ce_weight: float = 0.0  # paper: Dice only
@@ -131,6 +138,11 @@ class TrainConfig:
             raise ValueError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
         if self.epochs < 1 or self.batch_size < 1 or self.trials < 1:
             raise ValueError("epochs, batch size and trials must be positive")
+        if not 0.0 <= self.hard_negatives <= 1.0:
+            raise ValueError(f"hard_negatives is a fraction in [0, 1], got {self.hard_negatives}")
+        if self.hard_negatives and self.negatives_per_positive is None and not self.head_negatives_per_positive:
+            raise ValueError("hard negatives need a negative draw: set negatives_per_positive or "
+                             "head_negatives_per_positive (the uniform sampler otherwise shows every frame)")
 
 
 # ------------------------------------------------------------------------------------------ plumbing
@@ -229,6 +241,9 @@ class EpochSampler(Sampler[int]):
         self.seed, self.strategy, self.ratio = seed, strategy, negatives_per_positive
         self.rank, self.world = rank, world
         self.epoch = 0
+        # Hard-negative mining (training.mining): set by the trainer before each epoch.
+        self.hardness: Hardness | None = None
+        self.hard_fraction = 0.0
         self._length = len(self.epoch_indices())
 
     def set_epoch(self, epoch: int) -> None:
@@ -253,7 +268,7 @@ class EpochSampler(Sampler[int]):
             negatives = np.flatnonzero(self.labels == FRAME_NONE)
             if self.ratio is not None and len(positives):
                 keep = min(len(negatives), int(round(self.ratio * len(positives))))
-                negatives = rng.choice(negatives, size=keep, replace=False)
+                negatives = draw_negatives(rng, negatives, keep, self.hardness, self.hard_fraction)
             indices = rng.permutation(np.concatenate([positives, negatives]))
         padded = math.ceil(len(indices) / self.world) * self.world
         if padded > len(indices):  # as DistributedSampler: repeat the head so every rank gets as many
@@ -282,6 +297,8 @@ class MixedBatches(Sampler[list]):
         self.ratio, self.head_ratio = negatives_per_positive, head_negatives_per_positive
         self.rank, self.world = rank, world
         self.epoch = 0
+        self.hardness: Hardness | None = None  # as EpochSampler
+        self.hard_fraction = 0.0
         self._length = len(self.batches())
 
     def set_epoch(self, epoch: int) -> None:
@@ -294,12 +311,12 @@ class MixedBatches(Sampler[list]):
         negatives = np.flatnonzero(self.labels == FRAME_NONE)
         if self.ratio is not None and len(positives):
             keep = min(len(negatives), int(round(self.ratio * len(positives))))
-            decoded_negatives = rng.choice(negatives, size=keep, replace=False)
+            decoded_negatives = draw_negatives(rng, negatives, keep, self.hardness, self.hard_fraction)
         else:
             decoded_negatives = negatives
         rest = np.setdiff1d(negatives, decoded_negatives)
-        head = rng.choice(rest, size=min(len(rest), int(round(self.head_ratio * max(len(positives), 1)))),
-                          replace=False)
+        head = draw_negatives(rng, rest, int(round(self.head_ratio * max(len(positives), 1))), self.hardness,
+                              self.hard_fraction)
         return rng.permutation(np.concatenate([positives, decoded_negatives])), rng.permutation(head)
 
     def batches(self) -> list[list[tuple[int, bool]]]:
@@ -606,6 +623,28 @@ class Trainer:
         means["batches"] = batches
         return means
 
+    def mine_hard_negatives(self, epoch: int) -> dict[str, float] | None:
+        """Score this epoch's pool of negatives with the current model and hand it to the sampler
+        (training.mining). Every rank scores the same pool, so all ranks draw the same batches."""
+        cfg = self.cfg
+        if not cfg.hard_negatives or epoch < cfg.hard_negatives_from or not hasattr(self.sampler, "hardness"):
+            return None
+        started = time.perf_counter()
+        rng = np.random.default_rng([self.seed, epoch, 6151])
+        pool = mining_pool(self.train_set.labels, cfg.hard_negative_pool, rng)
+        plain = FrameDataset(cfg.prepared, "train")  # unaugmented: score what the frame looks like
+        loader = frame_loader(plain, pool, cfg.eval_batch_size or cfg.batch_size, self.workers)
+        p_abdomen = score_negatives(self.model, loader, self.ctx.device,
+                                    lambda: autocast_for(self.ctx.device, cfg.precision))
+        self.sampler.hardness = Hardness(pool, p_abdomen)
+        self.sampler.hard_fraction = cfg.hard_negatives
+        summary = {**self.sampler.hardness.summary(), "seconds": round(time.perf_counter() - started, 1)}
+        if self.ctx.main:
+            log.info("trial %d epoch %d: mined %d negatives, %d called abdomen (mean P %.3f), %.0f s", self.trial,
+                     epoch + 1, summary["pool"], summary["called_abdomen"], summary["mean_p_abdomen"],
+                     summary["seconds"])
+        return summary
+
     def _reduce_device(self) -> torch.device:
         return self.ctx.device if self.ctx.device.type == "cuda" else torch.device("cpu")
 
@@ -647,6 +686,7 @@ class Trainer:
             if self.cfg.max_steps is not None and self.state.global_step >= self.cfg.max_steps:
                 break
             started = time.perf_counter()
+            mined = self.mine_hard_negatives(epoch)
             train = self.train_epoch(epoch)
             train_seconds = time.perf_counter() - started
             val_stats = self.evaluate("val", self.val_indices) if len(self.val_set) else None
@@ -663,6 +703,7 @@ class Trainer:
                 "lr": self.scheduler.get_last_lr()[0],
                 "seconds": round(time.perf_counter() - started, 1),
                 "train_seconds": round(train_seconds, 1),
+                **({f"mined_{k}": v for k, v in mined.items()} if mined else {}),
             }
             self.state.history.append(row)
             self.state.epoch = epoch
@@ -849,6 +890,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="per epoch: every positive frame plus this many random negatives per positive")
     p.add_argument("--head-negatives-per-positive", type=float,
                    help="per epoch: extra negatives per positive through encoder + frame head only (cheap)")
+    p.add_argument("--hard-negatives", type=float, default=0.0,
+                   help="fraction of each epoch's negatives drawn by the frame head's P(abdomen) (training.mining)")
+    p.add_argument("--hard-negative-pool", type=int, default=4096, help="negatives scored per epoch for mining")
+    p.add_argument("--hard-negatives-from", type=int, default=0, help="first epoch (0-based) that mines")
     p.add_argument("--class-weight-power", type=float,
                    help="frame-head CE weights (N/(K n_c))**power; default 0.5 (0 with --sampler balanced)")
     p.add_argument("--dice-weight", type=float, default=1.0)
@@ -875,7 +920,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         channels_last=not args.no_channels_last, seed=args.seed,
         trials=args.trials, resume=args.resume, max_steps=args.max_steps, augment=not args.no_augment,
         sampler=args.sampler, negatives_per_positive=args.negatives_per_positive,
-        head_negatives_per_positive=args.head_negatives_per_positive, class_weight_power=args.class_weight_power, dice_weight=args.dice_weight,
+        head_negatives_per_positive=args.head_negatives_per_positive, hard_negatives=args.hard_negatives,
+        hard_negative_pool=args.hard_negative_pool, hard_negatives_from=args.hard_negatives_from,
+        class_weight_power=args.class_weight_power, dice_weight=args.dice_weight,
         mask_ce_weight=args.mask_ce_weight, frame_weight=args.frame_weight, val_max_frames=args.val_max_frames,
         workers=args.workers, eval_batch_size=args.eval_batch_size, deterministic=args.deterministic,
         progress=not args.no_progress, replica=args.replica, note=args.note)
