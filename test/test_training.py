@@ -240,6 +240,9 @@ def test_mining_scores_the_pool_with_the_frame_head_and_logs_it(prepared, tmp_pa
     assert "mined_pool" not in trainer.state.history[0] and trainer.state.history[1]["mined_pool"] == 16
     with pytest.raises(ValueError, match="hard negatives need"):
         TrainConfig(prepared=prepared, out=tmp_path, hard_negatives=0.5).validate()
+    with pytest.raises(ValueError, match="uniform sampler"):
+        TrainConfig(prepared=prepared, out=tmp_path, hard_negatives=0.5, negatives_per_positive=1.0,
+                    sampler="balanced").validate()
 
 
 def test_class_weights_from_counts():

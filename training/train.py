@@ -143,6 +143,8 @@ class TrainConfig:
         if self.hard_negatives and self.negatives_per_positive is None and not self.head_negatives_per_positive:
             raise ValueError("hard negatives need a negative draw: set negatives_per_positive or "
                              "head_negatives_per_positive (the uniform sampler otherwise shows every frame)")
+        if self.hard_negatives and self.sampler != "uniform":
+            raise ValueError("hard negatives go with the uniform sampler (the balanced one draws by class only)")
 
 
 # ------------------------------------------------------------------------------------------ plumbing
@@ -627,7 +629,7 @@ class Trainer:
         """Score this epoch's pool of negatives with the current model and hand it to the sampler
         (training.mining). Every rank scores the same pool, so all ranks draw the same batches."""
         cfg = self.cfg
-        if not cfg.hard_negatives or epoch < cfg.hard_negatives_from or not hasattr(self.sampler, "hardness"):
+        if not cfg.hard_negatives or epoch < cfg.hard_negatives_from:
             return None
         started = time.perf_counter()
         rng = np.random.default_rng([self.seed, epoch, 6151])
