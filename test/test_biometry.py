@@ -1,6 +1,5 @@
 """Ellipse fit and AC: whole ellipses, ellipses cut by a FOV edge or the image edge, degenerate masks."""
 import math
-from pathlib import Path
 
 import cv2
 import numpy as np
@@ -9,8 +8,8 @@ import SimpleITK as sitk
 from scipy.special import ellipe
 
 from algorithm.biometry import Ellipse, circumference_mm, fit_ellipse, ramanujan_perimeter
+from conftest import REFERENCE_FOV, needs_reference_fov
 
-REFERENCE_FOV = Path(__file__).resolve().parents[2] / "shared" / "reference" / "fov_mask.mha"
 H, W = 562, 744
 A, B, ANGLE = 150.0, 110.0, 30.0  # semi-axes (px) and orientation of the test abdomen
 
@@ -83,7 +82,7 @@ def test_ellipse_cut_by_image_edge():
     assert rel_error(fit_ellipse(drawn_ellipse(center))) < 0.01
 
 
-@pytest.mark.skipif(not REFERENCE_FOV.is_file(), reason="challenge reference FOV mask not available")
+@needs_reference_fov
 def test_ellipse_cut_by_challenge_fov():
     fov = sitk.GetArrayFromImage(sitk.ReadImage(str(REFERENCE_FOV))) != 0
     for center in [(372, 530), (640, 330)]:

@@ -1,5 +1,4 @@
 """Field of view derived from a stack: synthetic sectors, cleaning rules, and the challenge's own FOV mask."""
-from pathlib import Path
 
 import cv2
 import numpy as np
@@ -7,8 +6,8 @@ import pytest
 import SimpleITK as sitk
 
 from algorithm.fov import clean_fov, fov_from_frames_max, fov_from_stack
+from conftest import REFERENCE_FOV, needs_reference_fov
 
-REFERENCE_FOV = Path(__file__).resolve().parents[2] / "shared" / "reference" / "fov_mask.mha"
 
 
 def sector(shape=(120, 160), radius=130, start=50, stop=130) -> np.ndarray:
@@ -70,7 +69,7 @@ def test_shape_checks():
         clean_fov(np.zeros((2, 20, 30), bool))
 
 
-@pytest.mark.skipif(not REFERENCE_FOV.is_file(), reason="challenge reference FOV mask not available")
+@needs_reference_fov
 def test_challenge_fov_recovered_from_speckle():
     reference = sitk.GetArrayFromImage(sitk.ReadImage(str(REFERENCE_FOV))) != 0
     stack = speckle_stack(reference, frames=6, seed=1)
