@@ -1,6 +1,7 @@
 """The evaluation CLI end to end on a tiny release-layout dataset (6 sweeps x 10 frames x 80 x 100 px)."""
 import csv
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -153,8 +154,38 @@ def test_read_mask_frame_reads_one_frame_or_a_2d_file(tmp_path):
     write(stack, tmp_path / "stack.mha")
     assert read_mask_frame(tmp_path / "stack.mha", 7).sum() == 200
     assert read_mask_frame(tmp_path / "stack.mha", 8).sum() == 0
-    write(stack[7] * 3, tmp_path / "single.mha")
+    write(stack[7], tmp_path / "single.mha")
     single = read_mask_frame(tmp_path / "single.mha", 7)
-    assert single.dtype == np.uint8 and set(np.unique(single)) == {0, 1}
-    with pytest.raises(ValueError):
+    assert single.dtype == np.uint8 and set(np.unique(single)) == {0, 1} and single.sum() == 200
+    with pytest.raises(ValueError, match="outside its 60 frames"):
         read_mask_frame(tmp_path / "stack.mha", FRAMES)
+
+
+def test_a_mask_that_is_not_binary_is_refused_as_the_challenge_refuses_it(tmp_path):
+    stack = np.zeros((FRAMES, H, W), np.uint8)
+    stack[7, 10:20, 30:50] = 255
+    write(stack, tmp_path / "stack.mha")
+    with pytest.raises(ValueError, match=r"stack.mha: mask values must be 0 or 1, frame 7 holds 0, 255"):
+        read_mask_frame(tmp_path / "stack.mha", 7)
+    assert read_mask_frame(tmp_path / "stack.mha", 8).sum() == 0  # only the scored frame is checked
+
+
+def test_bad_folders_and_masks_are_one_line_errors(dataset, tmp_path, capsys):
+    gt_root, pred_root = dataset
+    assert main(["--predictions", str(tmp_path / "absent"), "--ground-truth", str(gt_root)]) == 2
+    assert capsys.readouterr().err.strip() == f"error: predictions folder {tmp_path / 'absent'} does not exist"
+
+    (tmp_path / "empty").mkdir()
+    assert main(["--predictions", str(pred_root), "--ground-truth", str(tmp_path / "empty")]) == 2
+    assert "no ground-truth mask stacks (*.mha) under" in capsys.readouterr().err
+
+    bad = tmp_path / "pred"
+    shutil.copytree(pred_root, bad)
+    output = bad / "perfect" / layout.OUTPUT_MASK_DIR / "output.mha"
+    stack = sitk.GetArrayFromImage(sitk.ReadImage(str(output)))
+    write(stack * 255, output)
+    json_out = tmp_path / "report.json"
+    assert main(["--predictions", str(bad), "--ground-truth", str(gt_root), "--json", str(json_out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "mask values must be 0 or 1, frame 13 holds 0, 255" in err
+    assert not json_out.exists()

@@ -74,7 +74,14 @@ def read_mask_frame(path: Path, frame: int) -> np.ndarray:
         reader.SetExtractSize((size[0], size[1], 0))
     elif reader.GetDimension() != 2:
         raise ValueError(f"{path}: expected a 2-D or 3-D mask, got {reader.GetDimension()}-D")
-    return (sitk.GetArrayFromImage(reader.Execute()) != 0).astype(np.uint8)
+    mask = sitk.GetArrayFromImage(reader.Execute())
+    values = np.unique(mask)
+    if not np.isin(values, (0, 1)).all():
+        # The challenge's scorer stops on such a mask ("Segmentation mask should be binary"): a submission
+        # writing 255 would fail there, so it fails here too rather than being scored as if binary.
+        shown = ", ".join(str(v) for v in values[:6]) + (", ..." if len(values) > 6 else "")
+        raise ValueError(f"{path}: mask values must be 0 or 1, frame {frame} holds {shown}")
+    return mask.astype(np.uint8)
 
 
 def _stack_geometry(path: Path) -> tuple[int, tuple[int, int]]:
@@ -133,10 +140,15 @@ def evaluate(predictions: Path, ground_truth: Path, fov_mask: np.ndarray | None 
     `fov_mask` (H, W) is applied to every case; None derives each case's FOV from its image stack.
     """
     predictions, ground_truth = Path(predictions), Path(ground_truth)
+    if not predictions.is_dir():
+        raise ValueError(f"predictions folder {predictions} does not exist")
+    uuids = list_ground_truth_cases(ground_truth)
+    if not uuids:
+        raise ValueError(f"no ground-truth mask stacks (*.mha) under {ground_truth / layout.MASKS_DIR}")
     references = read_reference_acs(ground_truth)
     cases: dict[str, dict[str, Any]] = {}
     missing: list[str] = []
-    for uuid in list_ground_truth_cases(ground_truth):
+    for uuid in uuids:
         prediction = read_prediction(predictions / uuid)
         if prediction is None:
             missing.append(uuid)
@@ -163,15 +175,12 @@ def evaluate(predictions: Path, ground_truth: Path, fov_mask: np.ndarray | None 
         cases[uuid] = {k: _finite(v) for k, v in result.to_dict().items()}
         del labels, labels_image
 
-    extra = sorted(p.name for p in predictions.iterdir() if p.is_dir() and p.name not in cases) \
-        if predictions.is_dir() else []
+    extra = sorted(p.name for p in predictions.iterdir() if p.is_dir() and p.name not in cases)
     if extra:
         print(f"warning: {len(extra)} prediction folder(s) without ground truth ignored: {extra[:5]}",
               file=sys.stderr)
 
-    aggregate: dict[str, Any] = {
-        key: float(np.mean([c[key] for c in cases.values()])) if cases else None for key in METRIC_KEYS
-    }
+    aggregate: dict[str, Any] = {key: float(np.mean([c[key] for c in cases.values()])) for key in METRIC_KEYS}
     aggregate["n_cases"] = len(cases)
     return {"cases": cases, "aggregate": aggregate, "missing": missing}
 
