@@ -8,8 +8,9 @@ import SimpleITK as sitk
 from scipy.special import ellipe
 
 from algorithm.biometry import Ellipse, circumference_mm, fit_ellipse, ramanujan_perimeter
-from conftest import REFERENCE_FOV, needs_reference_fov
+from conftest import REFERENCE, REFERENCE_FOV, needs_reference_fov
 
+REAL_MASK = REFERENCE / "real_frames" / "mask_abdomen_other_frame.png"
 H, W = 562, 744
 A, B, ANGLE = 150.0, 110.0, 30.0  # semi-axes (px) and orientation of the test abdomen
 
@@ -88,6 +89,18 @@ def test_ellipse_cut_by_challenge_fov():
     for center in [(372, 530), (640, 330)]:
         assert 0.25 <= outside_fraction(center, fov) <= 0.45, center
         assert rel_error(fit_ellipse(drawn_ellipse(center), fov)) < 0.01, center
+
+
+@pytest.mark.skipif(not REAL_MASK.is_file(), reason=f"{REAL_MASK} not available")
+def test_a_real_annotation_measures_an_ac_of_the_real_range():
+    """The real training set's reference ACs span 141-351 mm. Taking cv2.fitEllipse's full axes for
+    semi-axes (as an early version of the official scorer did) doubles the AC: about 470 mm here."""
+    mask = cv2.imread(str(REAL_MASK), cv2.IMREAD_GRAYSCALE) > 0
+    fov = sitk.GetArrayFromImage(sitk.ReadImage(str(REFERENCE_FOV))) != 0 if REFERENCE_FOV.is_file() else None
+    ac = circumference_mm(mask, fov, 0.28)
+    assert 141.0 <= ac <= 351.0
+    ellipse = fit_ellipse(mask, fov)
+    assert ac == pytest.approx(exact_perimeter(*(d / 2 for d in ellipse.axes)) * 0.28, rel=1e-3)
 
 
 def test_largest_blob_is_measured():
