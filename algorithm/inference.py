@@ -133,9 +133,8 @@ class CaseResult:
             "frame": self.frame,
             "plane": {FRAME_OPTIMAL: "optimal", FRAME_NONE: "none"}.get(chosen.tier, "suboptimal")
             if chosen else "none",
-            "ac_mm": None if self.ac_mm is None else round(self.ac_mm, 2),
-            "ellipse": None if self.ellipse is None else self.ellipse.to_dict()
-            if hasattr(self.ellipse, "to_dict") else None,
+            "ac_mm": self.ac_mm,  # unrounded: readers format it, and rounding twice can move the last digit
+            "ellipse": None if self.ellipse is None else self.ellipse.to_dict(),
             "sweep_candidates": [c.to_dict() for c in self.selection.candidates],
             "frames_encoded": self.frames_encoded,
             "frames_decoded": self.frames_decoded,
