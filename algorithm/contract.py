@@ -105,13 +105,20 @@ def to_uint8(array: np.ndarray, chunk: int = 32) -> tuple[np.ndarray, str]:
     if not np.isfinite(low):
         return np.zeros(array.shape, dtype=np.uint8), f"{array.dtype} pixels with no finite value: all zero"
     keep = low >= 0 and high <= 255
-    scale = 1.0 if keep or high == low else 255.0 / (high - low)
     offset = 0.0 if keep else low
+    # Halves keep the span finite for any finite range (float64 extremes overflow `high - low`); 64-bit inputs
+    # are worked in float64 so their finite extremes do not become float32 infinities.
+    half_span = 0.0 if keep else high / 2 - low / 2
+    work = np.float64 if array.dtype.itemsize > 4 else np.float32
     out = np.empty(array.shape, dtype=np.uint8)
     for start in range(0, len(array), chunk):
-        block = array[start:start + chunk].astype(np.float32)
+        block = array[start:start + chunk].astype(work)
         block = np.nan_to_num(block, nan=offset, posinf=offset, neginf=offset)
-        out[start:start + chunk] = np.clip(np.rint((block - offset) * scale), 0, 255).astype(np.uint8)
+        if half_span > 0:
+            block = (block / 2 - offset / 2) / half_span * 255.0
+        elif not keep:  # one value, outside 0..255
+            block = np.zeros_like(block)
+        out[start:start + chunk] = np.clip(np.rint(block), 0, 255).astype(np.uint8)
     how = "kept" if keep else f"rescaled from [{low:g}, {high:g}]"
     return out, f"{array.dtype} pixels {how} to uint8"
 

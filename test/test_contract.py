@@ -82,6 +82,18 @@ def test_to_uint8_keeps_small_ints_and_rescales_wide_floats():
     assert out[1, 2, 2] == 255  # the largest finite value
 
 
+def test_to_uint8_rescales_the_extremes_of_64_bit_types_without_overflow():
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an overflow in the arithmetic would be a RuntimeWarning
+        extreme = np.array([[[-1.7e308, 0.0, 1.7e308, np.nan]]])
+        assert to_uint8(extreme)[0].ravel().tolist() == [0, 128, 255, 0]
+        big = np.array([[[np.iinfo(np.int64).min, 0, np.iinfo(np.int64).max]]])
+        assert to_uint8(big)[0].ravel().tolist() == [0, 128, 255]
+        flat = np.full((1, 2, 2), 1000.0)
+        assert not to_uint8(flat)[0].any()
+
+
 def test_corrupt_file_is_an_input_error(tmp_path):
     path = write_image(tmp_path / "c.mha", np.zeros((4, 20, 20), dtype=np.uint8))
     data = path.read_bytes()
