@@ -186,9 +186,9 @@ def test_draw_negatives_takes_its_hard_share_from_the_frames_the_head_gets_wrong
     negatives = np.arange(1000)
     pool = np.arange(0, 1000, 2)  # every even frame scored
     p_abdomen = np.where(pool < 20, 0.99, 0.0)  # ten look-alikes among them, the rest clearly rejected
-    hardness = Hardness(pool, p_abdomen)
+    hardness = Hardness(pool, p_abdomen, fraction=0.5)
     assert hardness.summary() == {"pool": 500, "mean_p_abdomen": pytest.approx(0.0198), "called_abdomen": 10}
-    draws = [draw_negatives(np.random.default_rng(s), negatives, 40, hardness, 0.5) for s in range(20)]
+    draws = [draw_negatives(np.random.default_rng(s), negatives, 40, hardness) for s in range(20)]
     for drawn in draws:
         assert len(drawn) == 40 and len(set(drawn.tolist())) == 40 and set(drawn.tolist()) <= set(negatives)
         assert set(range(0, 20, 2)) <= set(drawn.tolist())  # all ten look-alikes, every time
@@ -196,7 +196,7 @@ def test_draw_negatives_takes_its_hard_share_from_the_frames_the_head_gets_wrong
     hits = np.mean([np.isin(np.arange(0, 20, 2), u).sum() for u in uniform])
     assert hits < 2  # uniformly, about 40/1000 of them
     # the hard share is capped by the pool that lies inside `negatives`, and the size is kept
-    few = draw_negatives(np.random.default_rng(0), np.arange(5, 30), 20, hardness, 1.0)
+    few = draw_negatives(np.random.default_rng(0), np.arange(5, 30), 20, dataclasses.replace(hardness, fraction=1.0))
     assert len(set(few.tolist())) == 20 and set(few.tolist()) <= set(range(5, 30))
 
 
@@ -205,10 +205,10 @@ def test_samplers_draw_mined_negatives_and_keep_their_size():
 
     labels = np.array([0] * 900 + [1] * 6 + [2] * 4)
     hard = np.arange(0, 900, 100)  # nine negatives the head calls abdomen
-    hardness = Hardness(np.arange(900), np.isin(np.arange(900), hard).astype(float))
+    hardness = Hardness(np.arange(900), np.isin(np.arange(900), hard).astype(float), fraction=1.0)
     mixed = MixedBatches(labels, seed=2, batch_size=4, negatives_per_positive=1.0, head_negatives_per_positive=3.0)
     before = mixed.batches()
-    mixed.hardness, mixed.hard_fraction = hardness, 1.0
+    mixed.hardness = hardness
     after = mixed.batches()
     assert len(after) == len(before) == len(mixed)
     assert sorted(len(b) for b in after) == sorted(len(b) for b in before)
@@ -216,7 +216,7 @@ def test_samplers_draw_mined_negatives_and_keep_their_size():
     assert set(hard.tolist()) <= shown and len({i for b in before for i, _ in b} & set(hard.tolist())) < 9
     epoch = EpochSampler(labels, seed=1, negatives_per_positive=2.0)
     size = len(epoch.epoch_indices())
-    epoch.hardness, epoch.hard_fraction = hardness, 1.0
+    epoch.hardness = hardness
     indices = epoch.epoch_indices()
     assert len(indices) == size and set(hard.tolist()) <= set(indices.tolist())
 
@@ -228,7 +228,7 @@ def test_mining_scores_the_pool_with_the_frame_head_and_logs_it(prepared, tmp_pa
     assert trainer.mine_hard_negatives(0) is None  # before hard_negatives_from
     summary = trainer.mine_hard_negatives(1)
     hardness = trainer.sampler.hardness
-    assert summary["pool"] == len(hardness.frames) == 16 and trainer.sampler.hard_fraction == 0.5
+    assert summary["pool"] == len(hardness.frames) == 16 and hardness.fraction == 0.5
     assert np.all(trainer.train_set.labels[hardness.frames] == FRAME_NONE)
     # the scores are the head's: recompute one frame by hand
     frame = int(hardness.frames[3])

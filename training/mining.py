@@ -27,10 +27,12 @@ MIN_WEIGHT = 1e-3
 
 @dataclass(frozen=True)
 class Hardness:
-    """Negative frames scored at the start of an epoch: dataset indices and their P(abdomen)."""
+    """Negative frames scored at the start of an epoch (dataset indices and their P(abdomen)), and the
+    share of each negative draw to take from them."""
 
     frames: np.ndarray  # (K,) int64
     p_abdomen: np.ndarray  # (K,) float64 in [0, 1]
+    fraction: float = 0.0
 
     def weights(self) -> np.ndarray:
         return np.clip(self.p_abdomen, MIN_WEIGHT, None)
@@ -51,16 +53,17 @@ def mining_pool(labels: np.ndarray, size: int, rng: np.random.Generator) -> np.n
 
 
 def draw_negatives(rng: np.random.Generator, negatives: np.ndarray, size: int,
-                   hardness: Hardness | None = None, fraction: float = 0.0) -> np.ndarray:
-    """`size` distinct frames of `negatives`: round(fraction x size) of them drawn from the scored pool in
-    proportion to P(abdomen), the rest uniformly from what is left. Uniform when `hardness` is None."""
+                   hardness: Hardness | None = None) -> np.ndarray:
+    """`size` distinct frames of `negatives` (all of them when there are fewer): round(hardness.fraction x
+    size) of them drawn from the scored pool in proportion to P(abdomen), the rest uniformly from what is
+    left. Uniform when `hardness` is None."""
     negatives = np.asarray(negatives)
     size = min(int(size), len(negatives))
-    if hardness is None or fraction <= 0 or size == 0:
+    if hardness is None or hardness.fraction <= 0 or size == 0:
         return rng.choice(negatives, size=size, replace=False)
     in_pool = np.isin(hardness.frames, negatives)
     pool, weights = hardness.frames[in_pool], hardness.weights()[in_pool]
-    hard_count = min(int(round(fraction * size)), len(pool))
+    hard_count = min(int(round(hardness.fraction * size)), len(pool))
     hard = rng.choice(pool, size=hard_count, replace=False, p=weights / weights.sum()) if hard_count else \
         np.zeros(0, dtype=negatives.dtype)
     rest = np.setdiff1d(negatives, hard)

@@ -243,9 +243,7 @@ class EpochSampler(Sampler[int]):
         self.seed, self.strategy, self.ratio = seed, strategy, negatives_per_positive
         self.rank, self.world = rank, world
         self.epoch = 0
-        # Hard-negative mining (training.mining): set by the trainer before each epoch.
-        self.hardness: Hardness | None = None
-        self.hard_fraction = 0.0
+        self.hardness: Hardness | None = None  # hard-negative mining (training.mining), set by the trainer
         self._length = len(self.epoch_indices())
 
     def set_epoch(self, epoch: int) -> None:
@@ -269,8 +267,7 @@ class EpochSampler(Sampler[int]):
             positives = np.flatnonzero(self.labels != FRAME_NONE)
             negatives = np.flatnonzero(self.labels == FRAME_NONE)
             if self.ratio is not None and len(positives):
-                keep = min(len(negatives), int(round(self.ratio * len(positives))))
-                negatives = draw_negatives(rng, negatives, keep, self.hardness, self.hard_fraction)
+                negatives = draw_negatives(rng, negatives, round(self.ratio * len(positives)), self.hardness)
             indices = rng.permutation(np.concatenate([positives, negatives]))
         padded = math.ceil(len(indices) / self.world) * self.world
         if padded > len(indices):  # as DistributedSampler: repeat the head so every rank gets as many
@@ -300,7 +297,6 @@ class MixedBatches(Sampler[list]):
         self.rank, self.world = rank, world
         self.epoch = 0
         self.hardness: Hardness | None = None  # as EpochSampler
-        self.hard_fraction = 0.0
         self._length = len(self.batches())
 
     def set_epoch(self, epoch: int) -> None:
@@ -312,13 +308,11 @@ class MixedBatches(Sampler[list]):
         positives = np.flatnonzero(self.labels != FRAME_NONE)
         negatives = np.flatnonzero(self.labels == FRAME_NONE)
         if self.ratio is not None and len(positives):
-            keep = min(len(negatives), int(round(self.ratio * len(positives))))
-            decoded_negatives = draw_negatives(rng, negatives, keep, self.hardness, self.hard_fraction)
+            decoded_negatives = draw_negatives(rng, negatives, round(self.ratio * len(positives)), self.hardness)
         else:
             decoded_negatives = negatives
         rest = np.setdiff1d(negatives, decoded_negatives)
-        head = draw_negatives(rng, rest, int(round(self.head_ratio * max(len(positives), 1))), self.hardness,
-                              self.hard_fraction)
+        head = draw_negatives(rng, rest, round(self.head_ratio * max(len(positives), 1)), self.hardness)
         return rng.permutation(np.concatenate([positives, decoded_negatives])), rng.permutation(head)
 
     def batches(self) -> list[list[tuple[int, bool]]]:
@@ -638,8 +632,7 @@ class Trainer:
         loader = frame_loader(plain, pool, cfg.eval_batch_size or cfg.batch_size, self.workers)
         p_abdomen = score_negatives(self.model, loader, self.ctx.device,
                                     lambda: autocast_for(self.ctx.device, cfg.precision))
-        self.sampler.hardness = Hardness(pool, p_abdomen)
-        self.sampler.hard_fraction = cfg.hard_negatives
+        self.sampler.hardness = Hardness(pool, p_abdomen, cfg.hard_negatives)
         summary = {**self.sampler.hardness.summary(), "seconds": round(time.perf_counter() - started, 1)}
         if self.ctx.main:
             log.info("trial %d epoch %d: mined %d negatives, %d called abdomen (mean P %.3f), %.0f s", self.trial,
