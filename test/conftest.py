@@ -25,6 +25,13 @@ REFERENCE_FOV = REFERENCE / "fov_mask.mha"
 needs_reference_fov = pytest.mark.skipif(not REFERENCE_FOV.is_file(), reason=f"{REFERENCE_FOV} not available")
 
 
+def reference_fov() -> np.ndarray:
+    """The challenge's FOV mask as a (562, 744) bool array, read as `training.evaluate --fov-mask` reads it."""
+    from training.evaluate import read_fov_mask
+
+    return read_fov_mask(REFERENCE_FOV)
+
+
 @pytest.fixture(scope="session")
 def random_weights(tmp_path_factory) -> Path:
     from algorithm.model.checkpoint import save_checkpoint

@@ -4,11 +4,10 @@ import math
 import cv2
 import numpy as np
 import pytest
-import SimpleITK as sitk
 from scipy.special import ellipe
 
 from algorithm.biometry import Ellipse, circumference_mm, fit_ellipse, ramanujan_perimeter
-from conftest import REFERENCE, REFERENCE_FOV, needs_reference_fov
+from conftest import REFERENCE, REFERENCE_FOV, needs_reference_fov, reference_fov
 
 REAL_MASK = REFERENCE / "real_frames" / "mask_abdomen_other_frame.png"
 H, W = 562, 744
@@ -85,7 +84,7 @@ def test_ellipse_cut_by_image_edge():
 
 @needs_reference_fov
 def test_ellipse_cut_by_challenge_fov():
-    fov = sitk.GetArrayFromImage(sitk.ReadImage(str(REFERENCE_FOV))) != 0
+    fov = reference_fov()
     for center in [(372, 530), (640, 330)]:
         assert 0.25 <= outside_fraction(center, fov) <= 0.45, center
         assert rel_error(fit_ellipse(drawn_ellipse(center), fov)) < 0.01, center
@@ -96,7 +95,7 @@ def test_a_real_annotation_measures_an_ac_of_the_real_range():
     """The real training set's reference ACs span 141-351 mm. Taking cv2.fitEllipse's full axes for
     semi-axes (as an early version of the official scorer did) doubles the AC: about 470 mm here."""
     mask = cv2.imread(str(REAL_MASK), cv2.IMREAD_GRAYSCALE) > 0
-    fov = sitk.GetArrayFromImage(sitk.ReadImage(str(REFERENCE_FOV))) != 0 if REFERENCE_FOV.is_file() else None
+    fov = reference_fov() if REFERENCE_FOV.is_file() else None
     ac = circumference_mm(mask, fov, 0.28)
     assert 141.0 <= ac <= 351.0
     ellipse = fit_ellipse(mask, fov)

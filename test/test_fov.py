@@ -3,10 +3,9 @@
 import cv2
 import numpy as np
 import pytest
-import SimpleITK as sitk
 
 from algorithm.fov import clean_fov, fov_from_frames_max, fov_from_stack
-from conftest import REFERENCE_FOV, needs_reference_fov
+from conftest import needs_reference_fov, reference_fov
 
 
 
@@ -71,7 +70,7 @@ def test_shape_checks():
 
 @needs_reference_fov
 def test_challenge_fov_recovered_from_speckle():
-    reference = sitk.GetArrayFromImage(sitk.ReadImage(str(REFERENCE_FOV))) != 0
+    reference = reference_fov()
     stack = speckle_stack(reference, frames=6, seed=1)
     got = fov_from_stack(stack)
     assert iou(got, reference) >= 0.99

@@ -19,7 +19,7 @@ import SimpleITK as sitk
 
 from algorithm.biometry import circumference_mm
 from algorithm.config import PIXEL_SPACING_MM, SWEEPS_PER_CASE, InferenceConfig
-from conftest import REFERENCE, REFERENCE_FOV, needs_reference_fov
+from conftest import REFERENCE, needs_reference_fov, reference_fov
 from training import phantom
 from training.layout import CIRCUMFERENCES_CSV, CIRCUMFERENCES_HEADER, image_path, list_case_ids, mask_path
 from training.phantom import (LABEL_OPTIMAL, LABEL_SUBOPTIMAL, PhantomConfig, case_rng, generate_case,
@@ -79,7 +79,7 @@ def runs_of(labels: np.ndarray) -> list[tuple[int, int, int]]:
 
 @needs_reference_fov
 def test_sector_matches_the_challenge_fov_mask():
-    reference = sitk.GetArrayFromImage(sitk.ReadImage(str(REFERENCE_FOV))) > 0
+    reference = reference_fov()
     ours = sector_fov(*reference.shape)
     assert ours.dtype == bool and ours.shape == reference.shape
     assert (ours & reference).sum() / (ours | reference).sum() >= 0.99
@@ -88,7 +88,7 @@ def test_sector_matches_the_challenge_fov_mask():
 @needs_reference_fov
 def test_union_of_nonzero_pixels_is_the_challenge_fov(dataset):
     root, uuids = dataset
-    reference = sitk.GetArrayFromImage(sitk.ReadImage(str(REFERENCE_FOV))) > 0
+    reference = reference_fov()
     for case in uuids:
         image, _ = read(image_path(root, case))
         seen = (image > 0).any(axis=0)
@@ -356,13 +356,14 @@ def test_a_full_size_case_has_the_release_geometry_and_annotations():
     started = time.perf_counter()
     case = generate_case(case_rng(0, 0))
     print(f"full 840-frame case generated in {time.perf_counter() - started:.1f} s")
-    assert case.image.shape == case.mask.shape == (SWEEPS_PER_CASE * 140, 562, 744)
+    k = phantom.REAL_FRAMES_PER_SWEEP
+    assert case.image.shape == case.mask.shape == (SWEEPS_PER_CASE * k, 562, 744)
     assert case.image.dtype == case.mask.dtype == np.uint8
     labels = frame_labels(case.mask)
     assert np.array_equal(labels, case.plan.labels())
     assert 0 < (labels > 0).mean() < 0.10
     assert [(s, ac is not None) for s, ac in enumerate(case.ac_per_sweep)] == [
-        (s, bool(labels[s * 140:(s + 1) * 140].any())) for s in range(SWEEPS_PER_CASE)]
+        (s, bool(labels[s * k:(s + 1) * k].any())) for s in range(SWEEPS_PER_CASE)]
 
 
 @pytest.mark.parametrize("args, message", [
