@@ -1,7 +1,7 @@
 """Local runner: the algorithm in this process, the model loaded once for all cases.
 
 Per case it calls what `python -m algorithm` calls after loading the model
-(`algorithm.__main__.process_case`), so its outputs are those of the CLI run on the same case with the same weights and settings
+(`algorithm.run.process_case`), so its outputs are those of the CLI run on the same case with the same weights and settings
 (test/test_benchmark.py checks frame numbers and mask file bytes). The next case's stack is read in a
 background thread while the current one runs through the network.
 """
@@ -12,7 +12,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-from algorithm.__main__ import load, process_case
+from algorithm.run import load, process_case
 from algorithm.contract import read_stack
 from algorithm.weights import resolve_weights
 

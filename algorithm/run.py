@@ -1,0 +1,112 @@
+"""One case from a loaded model: read the input folder, predict, write the outputs, log the decision.
+
+The CLI (one case per process) and every in-process runner that keeps the model loaded between cases call
+these functions, so they all write the same bytes for the same case.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+from .contract import Stack, find_input_image, read_stack, write_outputs
+from .errors import AlgorithmError, WeightsError
+from .report import case_picture, write_png
+
+log = logging.getLogger("algorithm")
+EXTRAS_DIR = Path("fetalclipseg")
+
+
+def load(weights_path: Path, overrides: dict):
+    """Load the predictor, turning every checkpoint failure into a WeightsError that names the file."""
+    from .inference import load_predictor
+    from .model.checkpoint import CheckpointError
+
+    try:
+        predictor, checkpoint = load_predictor(weights_path, overrides)
+    except CheckpointError as error:
+        raise WeightsError(str(error)) from None
+    except RuntimeError as error:  # e.g. --device cuda without a GPU
+        raise AlgorithmError(str(error)) from None
+    log.info("weights %s on %s: %s", weights_path, predictor.device, checkpoint["provenance"])
+    if "not for clinical use" in checkpoint["provenance"].lower():
+        log.warning("these are replica-trained demo weights, not for clinical use")
+    return predictor, checkpoint
+
+
+def peak_memory_gib() -> float:
+    """This process's peak resident memory since it started the interpreter, in GiB.
+
+    Linux's VmHWM belongs to the address space that exec created, so it does not include the parent's
+    memory the way `ru_maxrss` does for a child forked from a large process (a test runner, a notebook);
+    `ru_maxrss` is the fallback elsewhere."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2**20  # kB
+    except OSError:
+        pass
+    import resource
+
+    scale = 2**30 if sys.platform == "darwin" else 2**20  # bytes on macOS, kB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale
+
+
+def process_case(predictor, checkpoint: dict, stack: Stack, output: Path, extras: bool = True,
+                 progress: Callable[[int], None] | None = None):
+    """Predict one read stack and write its outputs (and, with `extras`, result.json and the picture).
+
+    The CLI and the test-set benchmark's local runner both call this, so their outputs are the same bytes.
+    Returns the `CaseResult` and the summary dict (its `timings_s` gains `write`).
+    """
+    result = predictor.predict(stack.array, progress=progress)
+    summary = {"input": str(stack.path), **result.summary(), "checkpoint": checkpoint,
+               "device": str(predictor.device)}
+    files = {}
+    if extras:
+        caption = f"frame {result.frame}" + (f"  AC {result.ac_mm:.1f} mm" if result.ac_mm else "")
+        picture = case_picture(stack.array, result.frame, result.mask, result.ellipse,
+                               result.scores.probabilities, result.scores.mask_fractions,
+                               predictor.config.inference.sweeps, caption)
+        files[EXTRAS_DIR / "chosen_frame.png"] = lambda path: write_png(path, picture)
+        files[EXTRAS_DIR / "result.json"] = lambda path: path.write_text(json.dumps(summary, indent=2) + "\n")
+    write_start = time.perf_counter()
+    write_outputs(output, stack, result.frame, result.mask, files)
+    summary["timings_s"]["write"] = round(time.perf_counter() - write_start, 3)
+    return result, summary
+
+
+def read_case(input_dir: Path) -> tuple[Stack, float]:
+    """The case folder's one stack, and the seconds its reading took."""
+    image_path = find_input_image(input_dir)
+    started = time.perf_counter()
+    stack = read_stack(image_path)
+    seconds = time.perf_counter() - started
+    log.info("input %s: %d frames of %d x %d%s", image_path, *stack.shape,
+             f" ({stack.note})" if stack.note else "")
+    return stack, seconds
+
+
+def predict_case(predictor, checkpoint: dict, stack: Stack, output: Path, extras: bool = True,
+                 progress: Callable[[int], None] | None = None, timings: dict[str, float] | None = None,
+                 started: float | None = None) -> dict:
+    """`process_case`, then the log lines people read; `timings` (e.g. the read) join the summary's, and
+    `started` (a perf_counter value) sets where the total is counted from. Returns the summary."""
+    started = time.perf_counter() if started is None else started
+    result, summary = process_case(predictor, checkpoint, stack, output, extras=extras, progress=progress)
+    summary["timings_s"].update({name: round(seconds, 3) for name, seconds in (timings or {}).items()})
+    summary["timings_s"]["total"] = round(time.perf_counter() - started, 3)
+    for candidate in result.selection.candidates:
+        log.info("sweep %d: best frame %d (tier %d, score %.3f, mask %.1f %%)", candidate.sweep + 1,
+                 candidate.frame, candidate.tier, candidate.score, 100 * candidate.mask_fraction)
+    ac = f"{result.ac_mm:.1f} mm" if result.ac_mm else "n/a"
+    log.info("chosen frame %d (%s), AC %s, %d/%d frames encoded, %.1f s, peak memory %.2f GiB", result.frame,
+             summary["plane"], ac, result.frames_encoded, len(stack.array), summary["timings_s"]["total"],
+             peak_memory_gib())
+    if extras:
+        log.info("picture: %s", output / EXTRAS_DIR / "chosen_frame.png")
+    return summary
