@@ -154,6 +154,7 @@ def test_two_jobs_in_a_row_match_the_run_functions_and_load_once(tmp_path, loade
     assert status == 200 and health["model_loads"] == 1 and health["jobs"] >= 2
 
 
+@pytest.mark.slow
 def test_the_server_matches_the_cli(tmp_path, loaded_service, random_weights, cases):
     point_input(loaded_service.input_dir, cases["a"])
     with LocalServer(loaded_service) as server:
@@ -256,6 +257,7 @@ def test_one_job_at_a_time_and_a_caller_that_hangs_up_abandons_its_job(tmp_path,
     assert not (tmp_path / "output" / OUTPUT_MASK).exists()
 
 
+@pytest.mark.slow
 def test_served_as_a_process_sigterm_ends_it_within_the_grace_period(tmp_path, random_weights, cases):
     """`python -m algorithm.serve` as the platform starts it: health polled until 200, one job, SIGTERM
     to the process group, exit well within the shim's 5 s before SIGKILL."""
