@@ -318,3 +318,30 @@ def wait_for_line(path: Path, text: str, seconds: float) -> None:
     while text not in path.read_text():
         assert time.monotonic() < deadline, f"{text!r} not logged within {seconds} s"
         time.sleep(0.1)
+
+
+# ------------------------------------------------------------------------------------ the image recipe
+
+def test_each_dockerfile_variant_has_a_label_and_an_entrypoint_that_agree():
+    """The platform reads only the label; the entrypoint must start what the label announces."""
+    import re
+
+    dockerfile = (REPO / "Dockerfile").read_text()
+    stages = dict(re.findall(r"^FROM app AS api-(\w+)\n(.*?)(?=^FROM |\Z)", dockerfile, flags=re.M | re.S))
+    assert set(stages) == {"exec", "invoke"}
+    modules = {"exec": "algorithm", "invoke": "algorithm.serve"}
+    for api, body in stages.items():
+        assert f'LABEL org.grand-challenge.api-method="{api}"' in body
+        entrypoint = json.loads(re.search(r"^ENTRYPOINT (\[.*\])$", body, flags=re.M).group(1))
+        assert entrypoint[:2] == ["dumb-init", "--single-child"] and entrypoint[-2:] == ["-m", modules[api]]
+    assert re.search(r"^ARG API=exec$", dockerfile, flags=re.M)  # exec stays the default
+    assert dockerfile.rstrip().endswith("FROM api-${API}")
+    ignored = (REPO / ".dockerignore").read_text().splitlines()
+    assert "algorithm/weights/" in ignored and "algorithm/**/*.safetensors" in ignored  # no weights in the image
+
+
+def test_export_refuses_an_unknown_api_before_touching_docker(tmp_path):
+    run = subprocess.run(["bash", str(REPO / "export.sh"), "--api", "both", "-o", str(tmp_path)],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode != 0 and "--api must be exec or invoke" in run.stderr
+    assert not any(tmp_path.iterdir())
