@@ -35,7 +35,8 @@
 #   TEST_WEIGHTS=path.safetensors      CASES_DIR=test/cases     CONTAINER_MEMORY=15g
 #   EXPECT_NORMAL=any|found            EXPECT_EMPTY=none|any    CASE_TIMEOUT=1200 (seconds per job)
 #   PYTHON=.venv/bin/python            NO_ABDOMEN_FRAMES_PER_SWEEP=50 (140 = full size)
-#   STOP_LIMIT=2 (seconds docker stop may take)   HEALTH_INTERVAL=2 (the platform polls every 10 s)
+#   STOP_LIMIT=3 (seconds docker stop may take; without an init it takes the 10 s of -t 10)
+#   HEALTH_INTERVAL=2 (seconds between health polls; the platform polls every 10 s)
 # Outputs and logs of the last run stay under CASES_DIR/ (results-<api>/<job>/output, <api>.log, host runs).
 set -euo pipefail
 
@@ -48,7 +49,7 @@ IMAGE="${IMAGE:-acouslic-fetalclipseg:test}"
 CASES_DIR="$(mkdir -p "${CASES_DIR:-test/cases}" && cd "${CASES_DIR:-test/cases}" && pwd)"
 MEMORY="${CONTAINER_MEMORY:-15g}"
 CASE_TIMEOUT="${CASE_TIMEOUT:-1200}"
-STOP_LIMIT="${STOP_LIMIT:-2}"
+STOP_LIMIT="${STOP_LIMIT:-3}"
 HEALTH_INTERVAL="${HEALTH_INTERVAL:-2}"
 PY="${PYTHON:-$REPO_ROOT/.venv/bin/python}"
 [ -x "$PY" ] || PY="$(command -v python3)"
