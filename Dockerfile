@@ -1,12 +1,24 @@
 # ACOUSLIC-AI submission image: FetalCLIPSEG frame selection + abdomen segmentation.
 #
-#   docker build -t acouslic-fetalclipseg .                          # real base (needs Docker Hub)
-#   docker build -t acouslic-fetalclipseg --build-arg BASE_IMAGE=... .  # any image with python + torch
+#   docker build -t acouslic-fetalclipseg .                              # exec variant (default)
+#   docker build -t acouslic-fetalclipseg:invoke --build-arg API=invoke .  # invoke variant
+#   docker build ... --build-arg BASE_IMAGE=...                          # any image with python + torch
 #
 # Contract (grand-challenge): reads /input/images/stacked-fetal-ultrasound/*.mha, writes
 # /output/images/fetal-abdomen-segmentation/output.mha and /output/fetal-abdomen-frame-number.json.
-# Weights: /opt/ml/model/*.safetensors (grand-challenge's separately uploaded model tarball)
-# take precedence over the bundled /opt/app/algorithm/weights/*.safetensors (the CLI decides).
+#
+# API (build argument): how grand-challenge runs the image, announced by the label
+# org.grand-challenge.api-method, which the entrypoint must agree with (the platform strips its own
+# variables from our environment, so the image cannot learn the mode at run time):
+#   exec    the entrypoint runs once per job: `python -m algorithm` (/input -> /output, exit code)
+#   invoke  the entrypoint starts once: `python -m algorithm.serve`, the model loaded once, a job per
+#           POST http://127.0.0.1:4743/invoke
+# Both run under dumb-init, so that SIGTERM (`docker stop`, the platform's end of job) reaches Python
+# even when the entrypoint is PID 1.
+#
+# Weights: none in this image. They come from grand-challenge's model tarball, unpacked to
+# /opt/ml/model/, or `./export.sh -w W` bakes W into /opt/ml/model/ in a layer on top of this image.
+# Locally, mount them: -v $PWD/model:/opt/ml/model:ro.
 #
 # Base image: official PyTorch runtime image with torch 2.14.1 (requirements.txt pins it).
 # CUDA 12.6 rather than a CUDA 13.x variant: a T4 (sm_75) is supported by both, but CUDA 13
@@ -14,9 +26,11 @@
 # compatibility). test/run_container.sh substitutes a locally built stand-in (same Python
 # packages, Debian bookworm + /opt/venv) when this tag cannot be pulled.
 ARG BASE_IMAGE=pytorch/pytorch:2.14.1-cuda12.6-cudnn9-runtime
-FROM ${BASE_IMAGE}
+ARG API=exec
+FROM ${BASE_IMAGE} AS app
 
 ENV PYTHONUNBUFFERED=1 \
+    PYTHONPATH=/opt/app \
     PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
@@ -54,12 +68,13 @@ RUN set -eu; \
         fi; \
     done; \
     python -m pip install --no-cache-dir --constraint /tmp/constraints.txt --requirement /tmp/requirements.txt; \
-    python -c "import torch, torchvision, open_clip, peft, safetensors, SimpleITK, cv2, scipy, numpy, PIL, rich; \
+    python -c "import torch, torchvision, open_clip, peft, safetensors, SimpleITK, cv2, scipy, numpy, PIL, rich, fastapi, uvicorn; \
 print('torch', torch.__version__, 'cuda', torch.version.cuda, 'torchvision', torchvision.__version__)"; \
+    command -v dumb-init; \
     rm -f /tmp/requirements.txt /tmp/constraints.txt; rm -rf /root/.cache
 
-# The algorithm package with its bundled weights (algorithm/weights/), byte-compiled because
-# the user cannot write next to root-owned sources. No training code, tests or data (.dockerignore).
+# The algorithm package, byte-compiled because the user cannot write next to root-owned sources. No
+# weights, training code, tests or data (.dockerignore).
 COPY algorithm/ /opt/app/algorithm/
 RUN python -m compileall -q /opt/app/algorithm \
  && chmod -R a+rX /opt/app
@@ -69,4 +84,13 @@ USER 1001:1001
 LABEL org.opencontainers.image.title="acouslic-ai-fetalclipseg" \
       org.opencontainers.image.description="ACOUSLIC-AI: fetal abdomen frame selection and segmentation (FetalCLIPSEG)"
 
-ENTRYPOINT ["python", "-m", "algorithm"]
+# The two variants differ only in their label and entrypoint; the last line picks one by API.
+FROM app AS api-exec
+LABEL org.grand-challenge.api-method="exec"
+ENTRYPOINT ["dumb-init", "--single-child", "--", "python", "-m", "algorithm"]
+
+FROM app AS api-invoke
+LABEL org.grand-challenge.api-method="invoke"
+ENTRYPOINT ["dumb-init", "--single-child", "--", "python", "-m", "algorithm.serve"]
+
+FROM api-${API}
