@@ -186,3 +186,21 @@ def test_available_memory_respects_a_per_process_cap(monkeypatch):
     assert cuda_memory_available(torch.device("cuda")) == pytest.approx(12 * GIB, rel=1e-9)
     monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda device=None: 1.0, raising=False)
     assert cuda_memory_available(torch.device("cuda")) == 131 * GIB  # free + cached, under no cap
+
+
+def test_the_runtime_description_of_a_gpu_names_it_and_its_capability(monkeypatch):
+    from types import SimpleNamespace
+
+    from algorithm.runtime import runtime_line
+
+    t4 = SimpleNamespace(name="Tesla T4", major=7, minor=5, total_memory=15 * GIB + GIB // 2)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: t4)
+    monkeypatch.setattr(torch.backends.cudnn, "version", lambda: 91002)
+    monkeypatch.setattr(torch.version, "cuda", "12.6")
+    monkeypatch.setattr(runtime, "nvidia_driver_version", lambda: "535.183.01")
+    info = describe_runtime(torch.device("cuda"), choose_precision("auto", "cuda", capability=(7, 5)))
+    assert info["device_name"] == "Tesla T4" and info["compute_capability"] == "7.5"
+    assert info["precision"] == "fp16" and info["cuda"] == "12.6" and info["driver"] == "535.183.01"
+    assert info["memory_gib"] == 15.5 and info["cudnn"] == 91002 and "device_warning" not in info
+    assert runtime_line(info) == (f"cuda (Tesla T4, compute capability 7.5); torch {torch.__version__}, CUDA 12.6, "
+                                  "driver 535.183.01; precision fp16")
