@@ -73,6 +73,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="only what needs no GPU, on a short case (policy, CPU side of correctness)")
     parser.add_argument("--json", type=Path, default=None, help="write the report here")
     parser.add_argument("--seed", type=int, default=5000, help="replica case seed")
+    parser.add_argument("--frames-per-sweep", type=int, default=None,
+                        help="replica case size, 6 sweeps (default 140, the challenge's; 24 with --quick)")
     parser.add_argument("--full-frames", type=int, default=32, help="frames of the full-size comparison")
     parser.add_argument("--warm-cases", type=int, default=3, help="warm cases timed in one process")
     parser.add_argument("--site", type=Path, default=None,
@@ -231,13 +233,13 @@ def policy_section(report: Report) -> None:
         report.check("policy", policy == EXPECTED_POLICY)
 
 
-def correctness(report: Report, device: str, quick: bool, seed: int):
+def correctness(report: Report, device: str, quick: bool, seed: int, frames_per_sweep: int):
     """Returns the case (its stack is reused by the later sections)."""
     import numpy as np
 
     case = None
     with report.section("correctness") as figures:
-        case = make_case(seed, 24 if quick else 140)
+        case = make_case(seed, frames_per_sweep)
         stack = case.image
         figures["case"] = {"seed": seed, "frames": int(len(stack)), "weights": bundled_weights().name}
         # The reference decodes every frame (all mask fractions compared); --quick keeps the lazy decoder
@@ -589,7 +591,8 @@ def main(argv: list[str] | None = None) -> int:
         report.check("cuda_available", False)
     else:
         policy_section(report)
-        case = correctness(report, args.device, args.quick, args.seed)
+        frames_per_sweep = args.frames_per_sweep or (24 if args.quick else 140)
+        case = correctness(report, args.device, args.quick, args.seed, frames_per_sweep)
         if case is not None and not args.quick:
             flops = full_size(report, args.device, case.image, args.full_frames)
             with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp:
