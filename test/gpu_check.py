@@ -108,6 +108,8 @@ class Report:
             traceback.print_exc()
         finally:
             self.data["seconds"][name] = round(time.perf_counter() - started, 1)
+            print(f"{name} ({self.data['seconds'][name]} s): {json.dumps(rounded(figures), default=str)[:3000]}",
+                  flush=True)
 
     @property
     def passed(self) -> bool:
