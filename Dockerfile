@@ -20,11 +20,15 @@
 # /opt/ml/model/, or `./export.sh -w W` bakes W into /opt/ml/model/ in a layer on top of this image.
 # Locally, mount them: -v $PWD/model:/opt/ml/model:ro.
 #
-# Base image: official PyTorch runtime image with torch 2.14.1 (requirements.txt pins it).
-# CUDA 12.6 rather than a CUDA 13.x variant: a T4 (sm_75) is supported by both, but CUDA 13
-# needs an NVIDIA driver >= 580 on the host, CUDA 12.x runs on drivers >= 525 (minor-version
-# compatibility). test/run_container.sh substitutes a locally built stand-in (same Python
-# packages, Debian bookworm + /opt/venv) when this tag cannot be pulled.
+# Base image: official PyTorch runtime image with torch 2.14.1 (requirements.txt pins it), in its
+# CUDA 12.6 build: the oldest CUDA of torch's release matrix (cu126, cu129, cu130, cu132 since torch
+# 2.12; no cu128), so the one that runs on the oldest drivers: any CUDA 12.x build needs an NVIDIA
+# driver >= 525 (minor-version compatibility), a CUDA 13.x build (PyPI's default torch wheel, cu130)
+# needs >= 580. grand-challenge does not publish its hosts' driver; SageMaker documents R470 for
+# ml.g4dn inference hosts, where no CUDA 12 build can use the GPU; if a host is below 525, the log's
+# WARNING (python -m algorithm, device honesty) says so and names the driver. A T4 (sm_75) is in
+# every build. test/run_container.sh substitutes a locally built stand-in (same Python packages,
+# Debian bookworm + /opt/venv) when this tag cannot be pulled.
 ARG BASE_IMAGE=pytorch/pytorch:2.14.1-cuda12.6-cudnn9-runtime
 ARG API=exec
 FROM ${BASE_IMAGE} AS app

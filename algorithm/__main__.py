@@ -26,8 +26,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output", type=Path, default=Path("/output"), help="output folder (default /output)")
     parser.add_argument("--weights", type=Path, default=None,
                         help="checkpoint (.safetensors); default: /opt/ml/model/, then the bundled weights")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--batch-size", type=int, default=None, help="frames per forward pass")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                        help="auto: the GPU when torch can use it (a WARNING says why not when one is visible)")
+    parser.add_argument("--precision", default=None, choices=["auto", "fp32", "fp16", "bf16"],
+                        help="auto: fp16 on GPUs without native bf16 (T4), bf16 on newer GPUs and bf16 CPUs")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="frames per forward pass (default: from free GPU memory on CUDA, 32 on the CPU)")
     parser.add_argument("--coarse-stride", type=int, default=None,
                         help="encode every k-th frame first, then refine around the best (1 = every frame)")
     parser.add_argument("--no-extras", action="store_true",
@@ -38,7 +42,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def overrides_from(args: argparse.Namespace) -> dict:
-    chosen = {"device": args.device, "batch_size": args.batch_size, "coarse_stride": args.coarse_stride}
+    chosen = {"device": args.device, "precision": args.precision, "batch_size": args.batch_size,
+              "coarse_stride": args.coarse_stride}
     return {key: value for key, value in chosen.items() if value is not None}
 
 

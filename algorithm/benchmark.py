@@ -41,7 +41,8 @@ import numpy as np
 import torch
 
 from .config import Config, InferenceConfig, ModelConfig
-from .inference import FrameScores, Predictor, StageTimer, resolve_device
+from .inference import FrameScores, Predictor, StageTimer
+from .runtime import resolve_device
 from .postprocess import abdomen_probability, clean_mask
 from .preprocess import preprocess_frames
 from .select import NO_FRAME, select_frame
@@ -229,17 +230,22 @@ def activation_bytes_per_frame(model: torch.nn.Module, config: ModelConfig, batc
 
 
 def memory_estimate(model: torch.nn.Module, config: ModelConfig, batch_size: int, per_frame: float) -> dict:
-    """GPU memory at `batch_size` under fp16 autocast: fp32 weights + their fp16 copies (autocast's
-    cast cache) + activations (fp32 upper bound), plus 30 % for the caching allocator's fragmentation and
-    cuBLAS/cuDNN workspaces. The CUDA context itself (about 0.3-0.5 GB on a T4) is not counted."""
+    """GPU memory at `batch_size` under fp16: the encoder's matrix weights in fp16 (cast once at load, as
+    `Predictor` does; this casts `model`'s), the other weights fp32, + activations (fp32 upper bound), plus
+    30 % for the caching allocator's fragmentation and cuBLAS/cuDNN workspaces. The CUDA context itself
+    (about 0.3-0.5 GB on a T4) is not counted."""
+    from .inference import cast_matmul_weights
+
     params = sum(p.numel() for p in model.parameters())
-    weights = params * 4 + params * 2
+    half = cast_matmul_weights(model.encoder, torch.float16) if hasattr(model, "encoder") else 0
+    weights = (params - half) * 4 + half * 2
     activations = per_frame * batch_size
     total = (weights + activations) * 1.3
     return {"parameters_m": round(params / 1e6, 1), "weights_gb": round(weights / 1e9, 2),
             "activations_per_frame_mb": round(per_frame / 1e6, 1), "batch_size": batch_size,
             "activations_gb": round(activations / 1e9, 2), "estimate_gb": round(total / 1e9, 2),
-            "rule": "(fp32 weights + fp16 copies + batch x fp32 activation peak per frame) x 1.3"}
+            "rule": "(fp16 encoder matrix weights + other weights fp32 + batch x fp32 activation peak per "
+                    "frame) x 1.3"}
 
 
 def device_name(device: torch.device) -> str:
@@ -381,7 +387,7 @@ def warm_up(predictor: Predictor, reference: ReferencePipeline, stack: np.ndarra
     """One small untimed batch through each pipeline: one-off library initialisation is not case time
     (on CUDA use a full batch, so that cuDNN autotuning happens here)."""
     if predictor.device.type == "cuda":
-        frames = predictor.config.inference.batch_size
+        frames = predictor.batch_size
     frames = np.arange(min(len(stack), max(1, frames)))
     predictor.score_frames(stack, frames, FrameScores.empty(len(stack)))
     with torch.no_grad():
@@ -531,7 +537,7 @@ def compare_search(args: argparse.Namespace) -> dict:
         for name, coarse in (("dense", 1), ("coarse", stride)):
             model_config = ModelConfig.small() if oracle else weights.config
             config = Config(model=model_config).replace(device=device.type, coarse_stride=coarse,
-                                                        **({"cpu_precision": "fp32"} if oracle else {}),
+                                                        **({"precision": "fp32"} if oracle else {}),
                                                         **overrides_from(args, skip=("coarse_stride",)))
             model = (LabelOracle(case.image, case.mask, model_config.image_size, args.oracle_noise, seed)
                      if oracle else weights.model())
@@ -580,7 +586,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=5000, help="replica case seed (not a training seed)")
     parser.add_argument("--coarse-stride", type=int, default=None, help="override (0 auto, 1 dense)")
     parser.add_argument("--batch-size", type=int, default=None)
-    parser.add_argument("--cpu-precision", choices=["auto", "fp32", "bf16"], default=None)
+    parser.add_argument("--precision", choices=["auto", "fp32", "fp16", "bf16"], default=None,
+                        help="network number format (default auto: runtime.choose_precision)")
+    parser.add_argument("--cpu-precision", dest="precision", choices=["auto", "fp32", "bf16"],
+                        help="older name of --precision")
     parser.add_argument("--lazy-decoder", choices=["auto", "on", "off"], default=None)
     parser.add_argument("--compile", action="store_true", help="torch.compile encoder and decoder")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -595,7 +604,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def overrides_from(args: argparse.Namespace, skip: tuple[str, ...] = ()) -> dict[str, Any]:
-    chosen = {"coarse_stride": args.coarse_stride, "batch_size": args.batch_size, "cpu_precision": args.cpu_precision,
+    chosen = {"coarse_stride": args.coarse_stride, "batch_size": args.batch_size, "precision": args.precision,
               "lazy_decoder": args.lazy_decoder, "threads": args.threads, "compile": True if args.compile else None}
     return {k: v for k, v in chosen.items() if v is not None and k not in skip}
 
@@ -620,7 +629,9 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     short_stack = make_case(args.seed, max(4, math.ceil(args.frames / 6))) if subset else full_stack
 
     predictor = Predictor(weights.model(), config, device)
-    reference = ReferencePipeline(weights.model(), config.replace(device=device.type), device)
+    # The reference runs fp32 at our batch size (on CUDA the one auto-sized from free memory).
+    reference = ReferencePipeline(weights.model(), config.replace(device=device.type,
+                                                                  batch_size=predictor.batch_size), device)
     warm_up(predictor, reference, full_stack)
 
     ours = run_ours(predictor, full_stack)

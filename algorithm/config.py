@@ -80,10 +80,16 @@ class ModelConfig:
 class InferenceConfig:
     """Run-time settings of one case: batching, device, frame selection and mask post-processing."""
 
-    device: str = "auto"  # auto | cpu | cuda
-    batch_size: int = 32
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    # Number format of the network (algorithm/runtime.py's policy): auto = fp16 on GPUs without native bf16
+    # (compute capability < 8.0, e.g. a T4), bf16 on newer GPUs and on CPUs with bf16 units, fp32 elsewhere.
+    precision: str = "auto"  # auto | fp32 | fp16 | bf16
+    # Frames per forward pass. 0 = auto: on CUDA the largest batch (at most `max_batch_size`) that the free
+    # GPU memory holds, measured at load; `cpu_batch_size` on the CPU.
+    batch_size: int = 0
+    max_batch_size: int = 64
+    cpu_batch_size: int = 32
     cpu_decoder_chunk: int = 8  # frames per decoder call on the CPU (bounds peak memory; see inference.py)
-    amp: bool = True  # fp16/bf16 autocast on CUDA; always fp32 on CPU
     sweeps: int = SWEEPS_PER_CASE
     # A frame is a candidate when its predicted mask covers at least this fraction of the network input
     # (the paper's 1 % rule: 501 of 224 x 224 pixels).
@@ -106,10 +112,9 @@ class InferenceConfig:
     # --- speed (issue 7; measured in `python -m algorithm.benchmark`)
     merge_lora: bool = True  # fold LoRA into the encoder weights at load: plain fused kernels, same outputs
     # Run the mask decoder only on frames that can be chosen (smoothed P(abdomen) may reach
-    # `min_quality_probability`); the frame choice is the same as decoding all. auto: on the CPU only.
+    # `min_quality_probability`); the frame choice is the same as decoding all. auto = on (on CUDA the
+    # decisions are taken once per call, after every frame is encoded, so the GPU never waits on the host).
     lazy_decoder: str = "auto"  # auto | on | off
-    # CPU matmul precision: auto = bf16 where the CPU has AMX / AVX512-BF16 units, else fp32.
-    cpu_precision: str = "auto"  # auto | fp32 | bf16
     threads: int = 0  # torch CPU threads; 0 = torch's default (one per physical core)
     compile: bool = False  # torch.compile the encoder and decoder (minutes of warm-up; GPU only pays off)
     prefetch: bool = True  # a background thread prepares the next batch (pinned memory on CUDA)

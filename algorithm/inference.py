@@ -3,20 +3,32 @@
 `Predictor` holds a loaded model and the configuration; `predict(stack)` returns everything a caller may
 want to write or show. Reading and writing files is the CLI's and `contract`'s job, not this module's.
 
-Speed (issue 7; `python -m algorithm.benchmark` measures every item against the paper-style reference):
+Speed (`python -m algorithm.benchmark` measures every item against the paper-style reference):
 
 * LoRA is merged into the encoder weights at load (`InferenceConfig.merge_lora`). peft's adapter on
   `nn.MultiheadAttention` re-merges and unmerges the attention weights on every call and its Linear
   adapters add two small matmuls each; merged, the encoder is plain open_clip, whose attention goes through
   PyTorch's fused `_native_multi_head_attention` / `scaled_dot_product_attention` kernels. Same outputs.
-* Frames are encoded in batches under `torch.inference_mode`; on CUDA with fp16 (bf16 where supported)
-  autocast, channels-last convolutions, cuDNN autotuning, pinned host memory and no host synchronisation
-  until the end of the case; on CPUs with AMX / AVX512-BF16 units in bf16 (`cpu_precision`).
+* Precision from `runtime.choose_precision`: on CUDA fp16 below compute capability 8.0 (a T4), bf16 above.
+  The encoder's matrix weights (linear, convolution, attention projections) are cast to that type once at
+  load, so autocast finds them already cast (under inference mode its cast cache never holds, and fp32
+  weights would be converted again for every batch); norm and embedding parameters stay fp32, and autocast
+  computes norms and softmax in fp32. The residual stream is in the half type, as under plain autocast
+  (open_clip casts the embeddings to the patch embedding's type); `test/gpu_check.py` measures the largest
+  activation against fp16's range. On CPUs with AMX / AVX512-BF16 units the whole encoder runs in bf16
+  without autocast.
+* Frames are encoded in batches under `torch.inference_mode`. On CUDA: the batch size comes from the free
+  GPU memory (measured with a probe batch at load), every batch has that one shape (the last is padded
+  with repeats), and the model is warmed up at load, so cuDNN autotuning or `torch.compile` never meets a
+  new shape inside a case; channels-last convolutions, pinned host memory, and results copied to the host
+  once per call, never per batch.
 * A background thread cuts and copies the next batch out of the stack while the current one computes.
-* Lazy decoder (`lazy_decoder`, on by default on the CPU): selection can only choose a frame whose
-  smoothed P(abdomen) reaches `min_quality_probability`, and a smoothed value reaches it only if some frame
-  of its smoothing window does. So the mask decoder runs only on frames with such a neighbour; the others
-  keep a NaN mask fraction. The chosen frame is exactly the one a full decode gives.
+* Lazy decoder (`lazy_decoder`, on by default): selection can only choose a frame whose smoothed
+  P(abdomen) reaches `min_quality_probability`, and a smoothed value reaches it only if some frame of its
+  smoothing window does. So the mask decoder runs only on frames with such a neighbour; the others keep a
+  NaN mask fraction. The chosen frame is exactly the one a full decode gives. On the CPU the decision is
+  taken after every batch (features of few frames held); on CUDA once, after every frame of the call is
+  encoded (features held on the GPU, in the half type), so the GPU never waits for the host in between.
 * Coarse-to-fine search (`coarse_stride` > 1, the CPU default for wide encoders): encode every k-th frame of each
   sweep, then encode the +-`refine_radius` neighbourhood of the best `refine_candidates` frames of every
   sweep, and repeat while the best frames move (a run of abdomen frames is followed to its best frame).
@@ -40,6 +52,8 @@ from .config import FRAME_NONE, FRAME_OPTIMAL, FRAME_SUBOPTIMAL, Config, Inferen
 from .fov import fov_from_stack
 from .postprocess import abdomen_probability, clean_mask
 from .preprocess import preprocess_frames
+from .runtime import (DTYPES, DeviceError, autocast, choose_precision, cuda_batch_plan, cuda_memory_available,
+                      describe_runtime, resolve_device, select_device)
 from .select import NO_FRAME, Selection, evidence, frame_tiers, nan_moving_average, select_frame, sweep_bounds
 
 log = logging.getLogger(__name__)
@@ -54,23 +68,15 @@ MAX_REFINE_ROUNDS = 4
 REFINE_FLOOR = 0.5
 # Slack on the decode rule, so that rounding in the moving average can never hide a qualifying frame.
 _DECODE_SLACK = 1e-6
+# Automatic CUDA batch size: frames of the probe batch that measures activation memory per frame, the case
+# size whose decoder inputs must fit beside the batch (840 frames, the challenge's), and the share of the
+# remaining memory left untouched (allocator fragmentation, cuBLAS / cuDNN workspaces).
+_PROBE_FRAMES = 8
+_TYPICAL_CASE_FRAMES = 840
+_MEMORY_HEADROOM = 0.15
 
-
-def resolve_device(name: str) -> torch.device:
-    """`auto` -> CUDA when available, else CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda asked for, but no CUDA device is available")
-    return torch.device(name)
-
-
-def cpu_has_fast_bf16() -> bool:
-    """Whether this CPU multiplies bf16 matrices in hardware (AMX tiles or AVX512-BF16)."""
-    try:
-        return bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
-    except AttributeError:  # older torch
-        return False
+__all__ = ["CaseResult", "FrameScores", "Predictor", "StageTimer", "cast_matmul_weights", "load_predictor",
+           "resolve_coarse_stride", "resolve_device"]
 
 
 def resolve_coarse_stride(config: InferenceConfig, device: torch.device, encoder_width: int | None = None) -> int:
@@ -230,6 +236,23 @@ class _BatchLoader:
             self.pool.shutdown(wait=True, cancel_futures=True)
 
 
+def cast_matmul_weights(module: torch.nn.Module, dtype: torch.dtype) -> int:
+    """Cast the weights that feed matrix products (linear, convolution, attention projections, a ViT's
+    `proj`) to `dtype`, in place, once; norm and embedding parameters stay fp32. Under autocast the products
+    then find their weights already in the half type instead of converting fp32 weights on every call.
+    Returns the number of parameters cast."""
+    cast = 0
+    for owner in module.modules():
+        matmul = isinstance(owner, (torch.nn.Linear, torch.nn.MultiheadAttention, torch.nn.modules.conv._ConvNd))
+        for name, parameter in owner.named_parameters(recurse=False):
+            if parameter.dtype != torch.float32:
+                continue
+            if matmul or (name == "proj" and parameter.ndim == 2):
+                parameter.data = parameter.data.to(dtype)
+                cast += parameter.numel()
+    return cast
+
+
 @dataclass
 class _Pending:
     """An encoded frame whose decode decision waits for a later frame of the same call."""
@@ -241,14 +264,24 @@ class _Pending:
 class Predictor:
     """A loaded FetalCLIPSEG and the settings to run it on whole cases.
 
-    The model is prepared for inference in place: LoRA merged into the encoder (unless
-    `merge_lora=False`), parameters frozen, moved to the device.
+    The model is prepared for inference in place: LoRA merged into the encoder (unless `merge_lora=False`),
+    parameters frozen, moved to the device, matrix weights cast to the half type on CUDA; on CUDA the batch
+    size is chosen from the free memory and every shape the case will use is run once (warm-up).
+    `device_warning` is the reason of a CPU fallback (`runtime.select_device`), recorded in `runtime`.
     """
 
-    def __init__(self, model: torch.nn.Module, config: Config, device: torch.device | None = None):
+    def __init__(self, model: torch.nn.Module, config: Config, device: torch.device | None = None,
+                 device_warning: str | None = None):
         self.config = config
         inference = config.inference
-        self.device = device or resolve_device(inference.device)
+        if device is None:
+            choice = select_device(inference.device)
+            device, device_warning = choice.device, device_warning or choice.fallback
+        self.device = device
+        try:
+            self.precision = choose_precision(inference.precision, self.device)
+        except ValueError as error:
+            raise DeviceError(str(error)) from None
         if inference.threads > 0:
             torch.set_num_threads(inference.threads)
         encoder = getattr(model, "encoder", None)
@@ -257,59 +290,121 @@ class Predictor:
         self.model = model.to(self.device).eval()
         for parameter in self.model.parameters():
             parameter.requires_grad_(False)
-        if self.device.type == "cuda":
+        cuda = self.device.type == "cuda"
+        if cuda:
             torch.backends.cudnn.benchmark = True
             self.model = self.model.to(memory_format=torch.channels_last)
         # The split forward (encoder + frame head for every frame, decoder on demand) needs the three parts.
         self.split = all(hasattr(self.model, part) for part in ("encoder", "decoder", "frame_head"))
-        self.lazy_decoder = self.split and (
-            inference.lazy_decoder == "on" or (inference.lazy_decoder == "auto" and self.device.type == "cpu"))
+        self.lazy_decoder = self.split and inference.lazy_decoder in ("auto", "on")
         self.coarse_stride = resolve_coarse_stride(inference, self.device, getattr(config.model, "width", None))
-        self.precision = self._precision()
-        # CPU bf16: the encoder's weights are cast once (CPU autocast re-casts every weight on every call and
-        # sends 3-D linears through a batched-matmul path that copies the weight: slower than fp32 here).
-        # The frame head and the decoder stay fp32; the decoder runs on few frames with the lazy decoder.
-        self._encoder_dtype = torch.bfloat16 if self.device.type == "cpu" and self.precision == "bf16" \
-            else torch.float32
+        # CPU bf16: the encoder's weights are cast once and it runs without autocast (CPU autocast re-casts
+        # every weight on every call and sends 3-D linears through a batched-matmul path that copies the
+        # weight: slower than fp32 there). The frame head and the decoder stay fp32.
+        self._encoder_dtype = torch.bfloat16 if not cuda and self.precision == "bf16" else torch.float32
         if self.split and self._encoder_dtype != torch.float32:
             self.model.encoder.to(self._encoder_dtype)
+        # CUDA fp16 / bf16: autocast, with the encoder's matrix weights cast once here.
+        self._half = DTYPES[self.precision] if cuda and self.precision != "fp32" else None
+        if self.split and self._half is not None:
+            cast_matmul_weights(self.model.encoder, self._half)
+        # One shape per network part on CUDA: batches padded to the batch size, measured on the plain modules
+        # (a compiled one would compile the probe's shape too), then compiled and warmed up at that shape.
+        self.pad_batches = cuda
+        self._encoder, self._decoder = getattr(self.model, "encoder", None), getattr(self.model, "decoder", None)
+        self.batch_size, self._pending_limit, self.memory = self._batch_plan()
         self._encoder, self._decoder = self._compiled_parts()
+        if cuda:
+            self.warm_up()
+        self.runtime = {**describe_runtime(self.device, self.precision, device_warning),
+                        "batch_size": self.batch_size}
 
     # ------------------------------------------------------------------------------------------ set-up
-
-    def _precision(self) -> str:
-        inference = self.config.inference
-        if self.device.type == "cuda":
-            if not inference.amp:
-                return "fp32"
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        choice = inference.cpu_precision
-        if choice == "auto":
-            return "bf16" if cpu_has_fast_bf16() else "fp32"
-        if choice not in ("fp32", "bf16"):
-            raise ValueError(f"cpu_precision must be auto, fp32 or bf16, got {choice!r}")
-        return choice
 
     def _compiled_parts(self):
         encoder = getattr(self.model, "encoder", None)
         decoder = getattr(self.model, "decoder", None)
         if not self.config.inference.compile or not self.split:
             return encoder, decoder
-        return torch.compile(encoder, dynamic=None), torch.compile(decoder, dynamic=None)
+        return torch.compile(encoder, dynamic=False), torch.compile(decoder, dynamic=False)
+
+    def _batch_plan(self) -> tuple[int, int, dict]:
+        """(batch size, frames whose decode decision may wait before the host must decide, memory figures).
+
+        Given batch sizes are kept. Auto on the CPU: `cpu_batch_size`, deciding after every batch. Auto on
+        CUDA: a probe batch measures the activation memory per frame and the decoder inputs a waiting frame
+        holds; the batch is the largest that fits beside the decoder inputs of a typical case, and as many
+        frames may wait as half the memory left then holds (every frame of a case, on a T4 as on an H200).
+        """
+        inference = self.config.inference
+        given = inference.batch_size if inference.batch_size > 0 else None
+        if self.device.type != "cuda":
+            batch = given or max(1, inference.cpu_batch_size)
+            return batch, batch, {}
+        probe = min(_PROBE_FRAMES, given or inference.max_batch_size)
+        per_frame, stored = self._measure_frame_memory(probe)
+        available = int(cuda_memory_available(self.device) * (1.0 - _MEMORY_HEADROOM))
+        batch, waiting = cuda_batch_plan(available, per_frame, stored if self.lazy_decoder else 0.0,
+                                         _TYPICAL_CASE_FRAMES, given, inference.max_batch_size)
+        memory = {"probe_frames": probe, "activation_mb_per_frame": round(per_frame / 2**20, 1),
+                  "stored_mb_per_frame": round(stored / 2**20, 2), "available_gb": round(available / 2**30, 2),
+                  "frames_waiting_at_most": waiting}
+        return batch, waiting, memory
+
+    @torch.inference_mode()
+    def _measure_frame_memory(self, frames: int) -> tuple[float, float]:
+        """CUDA bytes per frame of one forward pass (peak above what was allocated before), and bytes a frame
+        waiting for its decode decision holds (network input + decoder features)."""
+        size = self.config.model.image_size
+        torch.cuda.synchronize(self.device)
+        before = torch.cuda.memory_allocated(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        inputs = torch.zeros(frames, 3, size, size, device=self.device).contiguous(memory_format=torch.channels_last)
+        stored = 0.0
+        if self.split:
+            features, _ = self._encode(inputs)
+            with self._autocast():
+                self._decode_masks(inputs, features)
+            stored = sum(f[0].numel() * f.element_size() for f in features) + inputs[0].numel() * inputs.element_size()
+        else:
+            with self._autocast():
+                self.model(inputs)
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device) - before
+        return peak / frames, stored
+
+    @torch.inference_mode()
+    def warm_up(self) -> None:
+        """Run every shape a case uses once (encoder and decoder at the batch size), so that cuDNN's autotuning
+        and `torch.compile` happen at load rather than inside the first case."""
+        size = self.config.model.image_size
+        inputs = torch.zeros(self.batch_size, 3, size, size, device=self.device)
+        inputs = inputs.contiguous(memory_format=torch.channels_last)
+        if self.split:
+            features, _ = self._encode(inputs)
+            with self._autocast():
+                self._decode_masks(inputs, features)
+        else:
+            with self._autocast():
+                self.model(inputs)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def _autocast(self):
         """fp16 / bf16 autocast on CUDA; nothing on the CPU (see `_encoder_dtype`)."""
-        if self.device.type != "cuda" or self.precision == "fp32":
+        if self.device.type != "cuda":
             return nullcontext()
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[self.precision]
-        return torch.autocast("cuda", dtype=dtype)
+        return autocast(self.device, self.precision)
 
     def _encode(self, inputs: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """Encoder + frame head: (decoder features, frame-head probabilities (B, 3) float32)."""
+        """Encoder + frame head: (decoder features, frame-head probabilities (B, 3) float32). On CUDA the
+        features come in the half type (the decoder's first convolutions would cast them to it anyway)."""
         with self._autocast():
             features, embedding = self._encoder(inputs.to(self._encoder_dtype))
             if self._encoder_dtype != torch.float32:
                 features, embedding = [f.float() for f in features], embedding.float()
+            elif self._half is not None:
+                features = [f.to(self._half) for f in features]
             logits = self.model.frame_head(embedding)
         return features, torch.softmax(logits.float(), dim=1)
 
@@ -318,8 +413,9 @@ class Predictor:
         return {"device": str(self.device), "precision": self.precision, "coarse_stride": self.coarse_stride,
                 "lazy_decoder": self.lazy_decoder, "lora_merged": not getattr(getattr(self.model, "encoder", None),
                                                                                "has_lora", False),
-                "batch_size": self.config.inference.batch_size, "compile": self.config.inference.compile,
-                "threads": torch.get_num_threads()}
+                "batch_size": self.batch_size, "padded_batches": self.pad_batches,
+                "compile": self.config.inference.compile, "threads": torch.get_num_threads(),
+                "runtime": self.runtime, **({"memory": self.memory} if self.memory else {})}
 
     # ------------------------------------------------------------------------------------------ network
 
@@ -328,6 +424,12 @@ class Predictor:
         if self.device.type == "cuda":
             inputs = inputs.contiguous(memory_format=torch.channels_last)
         return inputs
+
+    def _padded(self, chunk: np.ndarray) -> np.ndarray:
+        """`chunk` filled up to the batch size with repeats of its last frame (CUDA: one shape per part)."""
+        if not self.pad_batches or len(chunk) >= self.batch_size:
+            return chunk
+        return np.concatenate([chunk, np.full(self.batch_size - len(chunk), chunk[-1], dtype=chunk.dtype)])
 
     def _decode_masks(self, inputs: torch.Tensor, features: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Decoder + `_mask_outputs` in chunks of `cpu_decoder_chunk` frames on the CPU: the decoder's
@@ -353,84 +455,103 @@ class Predictor:
 
         Every frame gets its frame-head probabilities; the mask decoder runs on every frame, or with the lazy
         decoder on the frames that `needs_mask` picks (deciding a frame waits until the frames of its
-        smoothing window that this call encodes are known).
+        smoothing window that this call encodes are known). Device results reach the host when decisions
+        need them (after every batch on the CPU, once per call on CUDA) and at the end.
         """
         indices = np.unique(np.asarray(indices, dtype=np.int64))
         if len(indices) == 0:
             return
         timer = timer or StageTimer(self.device)
-        batch = max(1, self.config.inference.batch_size)
-        batches = [indices[i:i + batch] for i in range(0, len(indices), batch)]
-        loader = _BatchLoader(stack, batches, pin=self.device.type == "cuda",
-                              prefetch=self.config.inference.prefetch and len(batches) > 1)
+        chunks = [indices[i:i + self.batch_size] for i in range(0, len(indices), self.batch_size)]
+        loader = _BatchLoader(stack, [self._padded(c) for c in chunks], pin=self.device.type == "cuda",
+                              prefetch=self.config.inference.prefetch and len(chunks) > 1)
         if not self.split:
-            return self._score_whole_model(loader, scores, progress, timer)
-        deferred: list[tuple[np.ndarray, torch.Tensor, torch.Tensor, torch.Tensor]] = []  # device results
+            return self._score_whole_model(chunks, loader, scores, progress, timer)
+        encoded: list[tuple[np.ndarray, torch.Tensor]] = []  # frame-head results not yet on the host
+        decoded: list[tuple[np.ndarray, torch.Tensor, torch.Tensor]] = []  # decoder results, likewise
         pending: dict[int, _Pending] = {}
-        position = 0
-        for chunk, frames in loader:
-            position += len(chunk)
+        for position, (chunk, (_, frames)) in enumerate(zip(chunks, loader)):
+            n = len(chunk)
             with timer.device_span("preprocess"):
                 inputs = self._inputs(frames)
             with timer.device_span("encode"):
                 features, probabilities = self._encode(inputs)
+            encoded.append((chunk, probabilities[:n]))
             if not self.lazy_decoder:
                 with timer.device_span("decode"), self._autocast():
                     abdomen, fractions = self._decode_masks(inputs, features)
-                deferred.append((chunk, probabilities, abdomen, fractions))
+                decoded.append((chunk, abdomen[:n], fractions[:n]))
             else:
-                scores.probabilities[chunk] = probabilities.cpu().numpy()
                 for row, frame in enumerate(chunk.tolist()):
                     pending[frame] = _Pending(inputs[row:row + 1], [f[row:row + 1] for f in features])
-                next_frame = int(indices[position]) if position < len(indices) else None
-                ready = self._decide(scores, sorted(pending), next_frame)
-                decode = [frame for frame, go in ready.items() if go]
-                items = [pending.pop(frame) for frame in decode]
-                for frame in ready:
-                    pending.pop(frame, None)  # decided against: features dropped
-                if items:
-                    self._decode_into(scores, np.array(decode), torch.cat([i.inputs for i in items]),
-                                      [torch.cat(parts) for parts in zip(*(i.features for i in items))], timer)
+                last = position == len(chunks) - 1
+                if last or len(pending) >= self._pending_limit:
+                    self._to_host(encoded, scores)
+                    next_frame = None if last else int(chunks[position + 1][0])
+                    ready = self._decide(scores, sorted(pending), next_frame)
+                    chosen = [frame for frame, go in ready.items() if go]
+                    items = [pending.pop(frame) for frame in chosen]
+                    for frame in ready:
+                        pending.pop(frame, None)  # decided against: features dropped
+                    decoded += self._decode_pending(np.array(chosen, dtype=np.int64), items, timer)
             if progress is not None:
-                progress(len(chunk))
+                progress(n)
         assert not pending, "the last batch has no later frame to wait for"
-        if deferred:
-            self._collect(deferred, scores)
+        self._to_host(encoded, scores)
+        self._collect(decoded, scores)
 
-    def _score_whole_model(self, loader: _BatchLoader, scores: FrameScores,
+    def _decode_pending(self, frames: np.ndarray, items: list[_Pending], timer: StageTimer) -> list:
+        """Decode waiting frames: in batches of the batch size on CUDA (the last padded), at once on the CPU
+        (`_decode_masks` bounds the CPU's memory itself). Results stay on the device."""
+        size = self.batch_size if self.pad_batches else max(len(items), 1)
+        out = []
+        for start in range(0, len(items), size):
+            part = items[start:start + size]
+            part = part + [part[-1]] * (size - len(part)) if self.pad_batches else part
+            inputs = torch.cat([item.inputs for item in part])
+            features = [torch.cat(maps) for maps in zip(*(item.features for item in part))]
+            with timer.device_span("decode"), self._autocast():
+                abdomen, fractions = self._decode_masks(inputs, features)
+            real = frames[start:start + size]
+            out.append((real, abdomen[:len(real)], fractions[:len(real)]))
+        return out
+
+    def _score_whole_model(self, chunks: list[np.ndarray], loader: _BatchLoader, scores: FrameScores,
                            progress: Callable[[int], None] | None, timer: StageTimer) -> None:
         """Any model with FetalCLIPSeg's forward (e.g. a wrapped one): one forward per batch, all decoded."""
-        deferred = []
-        for chunk, frames in loader:
+        encoded, decoded = [], []
+        for chunk, (_, frames) in zip(chunks, loader):
+            n = len(chunk)
             with timer.device_span("preprocess"):
                 inputs = self._inputs(frames)
             with timer.device_span("encode"), self._autocast():
                 output = self.model(inputs)
                 probabilities = torch.softmax(output.frame_logits.float(), dim=1)
                 abdomen, fractions = self._mask_outputs(output.mask_logits)
-            deferred.append((chunk, probabilities, abdomen, fractions))
+            encoded.append((chunk, probabilities[:n]))
+            decoded.append((chunk, abdomen[:n], fractions[:n]))
             if progress is not None:
-                progress(len(chunk))
-        self._collect(deferred, scores)
+                progress(n)
+        self._to_host(encoded, scores)
+        self._collect(decoded, scores)
 
     @staticmethod
-    def _collect(deferred, scores: FrameScores) -> None:
-        """Copy device results to the host once per call: no synchronisation inside the batch loop."""
-        chunks = np.concatenate([d[0] for d in deferred])
-        probabilities = torch.cat([d[1] for d in deferred]).cpu().numpy()
-        abdomen = torch.cat([d[2] for d in deferred]).cpu()
-        fractions = torch.cat([d[3] for d in deferred]).cpu().numpy()
-        scores.probabilities[chunks] = probabilities
-        scores.mask_fractions[chunks] = fractions
-        for row, frame in enumerate(chunks.tolist()):
-            scores.abdomen_maps[frame] = abdomen[row]
+    def _to_host(encoded: list[tuple[np.ndarray, torch.Tensor]], scores: FrameScores) -> None:
+        """Frame-head probabilities of the batches since the last call, copied to the host at once."""
+        if not encoded:
+            return
+        chunks = np.concatenate([e[0] for e in encoded])
+        scores.probabilities[chunks] = torch.cat([e[1] for e in encoded]).cpu().numpy()
+        encoded.clear()
 
-    def _decode_into(self, scores: FrameScores, frames: np.ndarray, inputs: torch.Tensor,
-                     features: list[torch.Tensor], timer: StageTimer) -> None:
-        with timer.device_span("decode"), self._autocast():
-            abdomen, fractions = self._decode_masks(inputs, features)
-        scores.mask_fractions[frames] = fractions.cpu().numpy()
-        abdomen = abdomen.cpu()
+    @staticmethod
+    def _collect(decoded: list[tuple[np.ndarray, torch.Tensor, torch.Tensor]], scores: FrameScores) -> None:
+        """Decoder results copied to the host once per call: no synchronisation inside the batch loop."""
+        if not decoded:
+            return
+        frames = np.concatenate([d[0] for d in decoded])
+        abdomen = torch.cat([d[1] for d in decoded]).cpu()
+        scores.mask_fractions[frames] = torch.cat([d[2] for d in decoded]).cpu().numpy()
         for row, frame in enumerate(frames.tolist()):
             scores.abdomen_maps[frame] = abdomen[row]
 
@@ -481,14 +602,17 @@ class Predictor:
 
     @torch.inference_mode()
     def _full_forward(self, stack: np.ndarray, frames: np.ndarray, scores: FrameScores, timer: StageTimer) -> None:
-        batch = max(1, self.config.inference.batch_size)
-        for start in range(0, len(frames), batch):
-            chunk = frames[start:start + batch]
+        decoded = []
+        for start in range(0, len(frames), self.batch_size):
+            chunk = frames[start:start + self.batch_size]
             with timer.device_span("preprocess"):
-                inputs = self._inputs(torch.from_numpy(np.ascontiguousarray(stack[chunk])))
+                inputs = self._inputs(torch.from_numpy(np.ascontiguousarray(stack[self._padded(chunk)])))
             with timer.device_span("encode"):
                 features, _ = self._encode(inputs)
-            self._decode_into(scores, chunk, inputs, features, timer)
+            with timer.device_span("decode"), self._autocast():
+                abdomen, fractions = self._decode_masks(inputs, features)
+            decoded.append((chunk, abdomen[:len(chunk)], fractions[:len(chunk)]))
+        self._collect(decoded, scores)
 
     # ------------------------------------------------------------------------------------------ search
 
@@ -566,7 +690,7 @@ class Predictor:
         scores = FrameScores.empty(n_frames)
         stride = self.coarse_stride
         search: dict = {"coarse_stride": stride, "lift_off_frames": int(n_frames - len(candidates)),
-                        "precision": self.precision, "lazy_decoder": self.lazy_decoder}
+                        "precision": self.precision, "batch_size": self.batch_size, "lazy_decoder": self.lazy_decoder}
         with timer("network"):
             if stride <= 1:
                 self.score_frames(stack, candidates, scores, progress, timer)
@@ -590,12 +714,17 @@ class Predictor:
 
 
 def load_predictor(weights: Path, config_overrides: dict | None = None) -> tuple[Predictor, dict]:
-    """Load our checkpoint and wrap it; returns the predictor and the checkpoint's description."""
+    """Load our checkpoint and wrap it; returns the predictor and the checkpoint's description.
+
+    The device is chosen first, so that `--device cuda` without a usable GPU fails before the weights are
+    read; a CPU fallback while an NVIDIA GPU is visible is logged as a WARNING with its reason.
+    """
     from .model.checkpoint import load_checkpoint
 
-    device_name = (config_overrides or {}).get("device", "auto")
-    device = resolve_device(device_name)
+    choice = select_device((config_overrides or {}).get("device", "auto"))
+    if choice.fallback:
+        log.warning(choice.fallback)
     model, info = load_checkpoint(weights, device="cpu")
     config = Config(model=info.config).replace(**(config_overrides or {}))
-    return Predictor(model, config, device), {"weights": str(weights), "provenance": info.provenance,
-                                              "version": info.version}
+    predictor = Predictor(model, config, choice.device, device_warning=choice.fallback)
+    return predictor, {"weights": str(weights), "provenance": info.provenance, "version": info.version}

@@ -24,14 +24,16 @@ def load(weights_path: Path, overrides: dict):
     """Load the predictor, turning every checkpoint failure into a WeightsError that names the file."""
     from .inference import load_predictor
     from .model.checkpoint import CheckpointError
+    from .runtime import DeviceError, runtime_line
 
     try:
         predictor, checkpoint = load_predictor(weights_path, overrides)
     except CheckpointError as error:
         raise WeightsError(str(error)) from None
-    except RuntimeError as error:  # e.g. --device cuda without a GPU
+    except DeviceError as error:  # e.g. --device cuda without a usable GPU, fp16 on the CPU
         raise AlgorithmError(str(error)) from None
-    log.info("weights %s on %s: %s", weights_path, predictor.device, checkpoint["provenance"])
+    log.info("weights %s: %s", weights_path, checkpoint["provenance"])
+    log.info("running on %s, batch %d", runtime_line(predictor.runtime), predictor.batch_size)
     if "not for clinical use" in checkpoint["provenance"].lower():
         log.warning("these are replica-trained demo weights, not for clinical use")
     return predictor, checkpoint
@@ -65,7 +67,7 @@ def process_case(predictor, checkpoint: dict, stack: Stack, output: Path, extras
     """
     result = predictor.predict(stack.array, progress=progress)
     summary = {"input": str(stack.path), **result.summary(), "checkpoint": checkpoint,
-               "device": str(predictor.device)}
+               "device": str(predictor.device), "runtime": predictor.runtime}
     files = {}
     if extras:
         caption = f"frame {result.frame}" + (f"  AC {result.ac_mm:.1f} mm" if result.ac_mm else "")

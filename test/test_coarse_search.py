@@ -29,7 +29,7 @@ def replica():
 
 
 def predictor_for(model, **overrides) -> Predictor:
-    settings = {"device": "cpu", "cpu_precision": "fp32", **overrides}
+    settings = {"device": "cpu", "precision": "fp32", **overrides}
     return Predictor(model, Config(model=SMALL).replace(**settings))
 
 

@@ -58,7 +58,7 @@ def test_predictor_merges_lora_and_scores_like_the_unmerged_model():
     stack = frames(6)
     results = {}
     for merge in (False, True):
-        config = Config(model=ModelConfig.small()).replace(device="cpu", merge_lora=merge, cpu_precision="fp32",
+        config = Config(model=ModelConfig.small()).replace(device="cpu", merge_lora=merge, precision="fp32",
                                                            lazy_decoder="off", batch_size=4)
         predictor = Predictor(small_model(), config)
         assert predictor.describe()["lora_merged"] is merge
@@ -87,7 +87,7 @@ def test_cpu_bf16_encoder_stays_close_to_fp32():
     stack = frames(4)
     probabilities = {}
     for precision in ("fp32", "bf16"):
-        config = Config(model=ModelConfig.small()).replace(device="cpu", cpu_precision=precision,
+        config = Config(model=ModelConfig.small()).replace(device="cpu", precision=precision,
                                                            lazy_decoder="off")
         predictor = Predictor(small_model(), config)
         assert predictor.precision == precision
