@@ -176,9 +176,9 @@ def _raw_blocks(header: MetaHeader, block: int) -> Iterator[bytes]:
         available = os.fstat(fh.fileno()).st_size - header.data_offset
         fh.seek(header.data_offset)
         if not header.compressed:
-            if available < total:
-                raise MetaImageError(f"payload shorter than the header promises: {max(available, 0)} of "
-                                     f"{total} bytes")
+            if available != total:
+                raise MetaImageError(f"payload {'shorter' if available < total else 'longer'} than the header "
+                                     f"promises: {max(available, 0)} bytes for {total}")
             for start in range(0, total, block):
                 yield fh.read(min(block, total - start))
             return

@@ -66,9 +66,12 @@ def checkpoint_in(folder: Path) -> Path:
     return found[0]
 
 
-def resolve_weights(explicit: Path | None = None, model_dir: Path = MODEL_MOUNT, bundled: Path = BUNDLED) -> Path:
+def resolve_weights(explicit: Path | None = None, model_dir: Path | None = None, bundled: Path | None = None) -> Path:
     """The checkpoint to load: `explicit` (a file, or a folder with one checkpoint), else the one in
-    `model_dir` when that folder exists, else the bundled demo checkpoint (with a warning)."""
+    `model_dir` (default MODEL_MOUNT) when that folder exists, else the bundled demo checkpoint (default in
+    BUNDLED), with a warning."""
+    model_dir = MODEL_MOUNT if model_dir is None else Path(model_dir)
+    bundled = BUNDLED if bundled is None else Path(bundled)
     if explicit is not None:
         explicit = Path(explicit)
         if explicit.is_dir():
