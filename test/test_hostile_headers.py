@@ -19,7 +19,10 @@ from hostile import OpenWatch, run_measured
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux (VmHWM, inotify)")
 
-PEAK_LIMIT_GIB = 1.5  # generated files hold at most a few hundred KiB; the bound is 3 GiB
+# Generated files hold at most a few hundred KiB, whatever their headers claim. A refusal comes before the
+# network is loaded (about 0.1 GiB); a run that reads the stack loads torch and the model (about 1.5 GiB).
+PEAK_REFUSED_GIB = 1.0
+PEAK_ACCEPTED_GIB = 3.0  # the bound for any input file
 OUTSIDE_NAMES = ("../outside/secret.raw", "ABSOLUTE", "/dev/zero", "link.raw", "../../outside/secret.raw")
 DATA_FILES = ("LOCAL", "LOCAL", "local", "case.raw", "sub/../case.raw", "missing.raw", "LIST",
               "slice%03d.raw 1 4 1") + OUTSIDE_NAMES
@@ -130,7 +133,8 @@ def test_any_mha_header_exits_0_or_2_reads_nothing_outside_and_stays_bounded(tmp
     if run.code == 2:
         assert run.message.startswith("error: ") and "case.mha" in run.message, f"{header}\n{text[-3000:]}"
     assert watch.opened() == [], f"{header}: opened a file outside the input folder"
-    assert run.peak_gib < PEAK_LIMIT_GIB, f"{header}: peak {run.peak_gib} GiB"
+    assert run.peak_gib < (PEAK_REFUSED_GIB if run.code == 2 else PEAK_ACCEPTED_GIB), \
+        f"{header}: exit {run.code}, peak {run.peak_gib} GiB"
     # What must be refused, whatever else the header says:
     if header.data_file in OUTSIDE_NAMES + ("LIST", "slice%03d.raw 1 4 1", "missing.raw"):
         assert run.code == 2, header
