@@ -16,8 +16,10 @@ import json
 import logging
 import os
 import re
+import tempfile
 import threading
 import uuid
+import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,7 +48,9 @@ IMAGE_IOS = {".mha": "MetaImageIO", ".mhd": "MetaImageIO", ".tif": "TIFFImageIO"
 CHALLENGE_VOXELS = 840 * 562 * 744
 MAX_VOXELS = 4 * CHALLENGE_VOXELS  # 1,404,887,040 frame pixels (a 1.31 GiB uint8 stack)
 MAX_FRAMES = 4 * 840
-MAX_SIDE = 2048  # pixels, height or width of a frame (frames are padded to a square of the longer side)
+# Pixels, height or width of a frame. Frames are padded to a square of the longer side for the network, and
+# preprocessing a batch of 2048-pixel squares alone takes 1.3 GiB: 1024 keeps any accepted stack below 3 GiB.
+MAX_SIDE = 1024
 MAX_ASPECT = 32  # longer side / shorter side of a frame
 MAX_PIXEL_BYTES = 2 * 1024**3  # the decoded pixel data: voxels x channels x bytes per value
 MAX_INPUTS_JSON_BYTES = 1024**2
@@ -406,9 +410,10 @@ def read_stack(path: Path) -> Stack:
 # --------------------------------------------------------------------------------------------- output
 
 def mask_stack_image(stack: Stack, frame: int, mask: np.ndarray | None) -> sitk.Image:
-    """The output socket's image: zeros of the input's shape, `mask` on `frame` only, input geometry.
+    """The output socket's image in memory: zeros of the input's shape, `mask` on `frame` only, input geometry.
 
-    Built in SimpleITK directly (zero-filled, the one frame pasted in): no numpy copy of the whole volume.
+    The socket itself is written by `write_mask`, which never holds the whole volume; this is for callers
+    that want the image object.
     """
     frames, height, width = stack.shape
     image = sitk.Image([width, height, frames], sitk.sitkUInt8)
@@ -418,6 +423,45 @@ def mask_stack_image(stack: Stack, frame: int, mask: np.ndarray | None) -> sitk.
     image.SetOrigin(stack.origin)
     image.SetDirection(stack.direction)
     return image
+
+
+def _metaimage_header(stack: Stack, compressed_size: int) -> bytes:
+    """The header SimpleITK writes for an image of the stack's geometry (a one-voxel probe written to a
+    temporary folder), with the stack's size and our compressed payload's size filled in."""
+    probe = sitk.Image([1, 1, 1], sitk.sitkUInt8)
+    probe.SetSpacing(stack.spacing)
+    probe.SetOrigin(stack.origin)
+    probe.SetDirection(stack.direction)
+    with tempfile.TemporaryDirectory(prefix="fetalclipseg-") as folder:
+        sitk.WriteImage(probe, str(Path(folder) / "probe.mha"), useCompression=True)
+        text = (Path(folder) / "probe.mha").read_bytes()
+    head = text[:text.index(b"ElementDataFile = LOCAL\n") + len(b"ElementDataFile = LOCAL\n")].decode("ascii")
+    frames, height, width = stack.shape
+    head = re.sub(r"(?m)^DimSize = .*$", f"DimSize = {width} {height} {frames}", head)
+    head = re.sub(r"(?m)^CompressedDataSize = .*$", f"CompressedDataSize = {compressed_size}", head)
+    if f"CompressedDataSize = {compressed_size}\n" not in head or "CompressedData = True\n" not in head:
+        raise RuntimeError("unexpected MetaImage header from SimpleITK: " + head[:300])
+    return head.encode("ascii")
+
+
+def write_mask(path: Path, stack: Stack, frame: int, mask: np.ndarray | None) -> None:
+    """The output socket (`mask_stack_image` as a compressed .mha) streamed frame by frame.
+
+    SimpleITK would need the whole zero volume in memory (1.3 GiB at the input caps) to write a few hundred
+    KiB of compressed zeros; here zlib compresses frame by frame, as MetaIO does (one zlib stream after a
+    header that SimpleITK itself wrote), so the file reads back identically in SimpleITK.
+    """
+    frames, height, width = stack.shape
+    zeros = bytes(height * width)
+    chosen = (np.asarray(mask) > 0).astype(np.uint8).tobytes() if frame >= 0 and mask is not None else zeros
+    if len(chosen) != len(zeros):
+        raise ValueError(f"mask of shape {np.shape(mask)} for frames of {height} x {width}")
+    deflate = zlib.compressobj()
+    payload = [deflate.compress(chosen if index == frame else zeros) for index in range(frames)]
+    payload.append(deflate.flush())
+    with open(path, "wb") as fh:
+        fh.write(_metaimage_header(stack, sum(len(piece) for piece in payload)))
+        fh.writelines(payload)
 
 
 # Staged files of ours (see OutputTransaction.stage) and write probes, left by a run that was killed.
@@ -553,9 +597,7 @@ def write_outputs(output_dir: Path, stack: Stack, frame: int, mask: np.ndarray |
     with output_lock(output_dir):
         transaction = OutputTransaction(output_dir)
         try:
-            image = mask_stack_image(stack, frame, mask)
-            transaction.stage(OUTPUT_MASK, lambda path: sitk.WriteImage(image, str(path), useCompression=True))
-            del image
+            transaction.stage(OUTPUT_MASK, lambda path: write_mask(path, stack, frame, mask))
             transaction.stage_json(OUTPUT_FRAME, int(frame))
             for relative, write in (extras or {}).items():
                 transaction.stage(relative, write)

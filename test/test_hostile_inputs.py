@@ -181,7 +181,8 @@ def test_content_does_not_choose_the_reader(tmp_path, random_weights, capsys, ou
     ((8000, 1, 12), "sides at most"),
     ((MAX_SIDE, 1, 12), "aspect ratio"),
     ((8, 8, MAX_FRAMES + 1), "frames (at most"),
-    ((1488, 1124, 900), "voxels (at most"),
+    ((1024, 1024, 1400), "voxels (at most"),
+    ((1500, 1100, 12), "sides at most"),
     ((744, 562, 840), "GiB of pixel data"),  # as float64: 2.6 GiB
 ])
 def test_absurd_shapes_are_refused_from_the_header(tmp_path, random_weights, capsys, size, needle):
