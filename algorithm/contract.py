@@ -582,7 +582,7 @@ def check_writable(output_dir: Path) -> None:
         output_dir.mkdir(parents=True, exist_ok=True)
         probe = output_dir / f".write-probe-{uuid.uuid4().hex[:8]}"
         probe.write_bytes(b"")
-        probe.unlink()
+        probe.unlink(missing_ok=True)  # a concurrent run's clean-up may have taken it already
     except OSError as error:
         raise OutputError(f"output folder {output_dir} is not writable: {error.strerror or error}") from None
 

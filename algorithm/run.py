@@ -26,8 +26,6 @@ def load(weights_path: Path, overrides: dict):
 
     try:
         predictor, checkpoint = load_predictor(weights_path, overrides)
-    except WeightsError:
-        raise
     except MemoryError:
         raise WeightsError(f"{weights_path}: not enough memory to load these weights") from None
     except RuntimeError as error:  # e.g. --device cuda without a GPU

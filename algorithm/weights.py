@@ -77,7 +77,8 @@ def resolve_weights(explicit: Path | None = None, model_dir: Path | None = None,
         if explicit.is_dir():
             return checkpoint_in(explicit)
         if not explicit.is_file():
-            raise WeightsError(f"weights file {explicit} does not exist")
+            what = "is not a regular file" if os.path.exists(explicit) else "does not exist"
+            raise WeightsError(f"weights file {explicit} {what}")
         return explicit
     if os.path.lexists(model_dir):  # present, even if unreadable or a broken link: it was meant to be used
         return checkpoint_in(model_dir)
