@@ -300,11 +300,17 @@ def _sitk_reason(error: Exception) -> str:
     return (text.splitlines()[-1] if text else "unreadable")[:200]
 
 
+def _metaimage_input_error(path: Path, error: metaimage.MetaImageError) -> InputError:
+    if isinstance(error, metaimage.MetaImageRefused):
+        return InputError(f"{path}: refused: {error}")
+    return InputError(f"{path}: cannot be read as an image ({error})")
+
+
 def _read_metaimage(path: Path) -> tuple[np.ndarray, str, sitk.ImageFileReader]:
     try:
         header = metaimage.read_header(path)
     except metaimage.MetaImageError as error:
-        raise InputError(f"{path}: {error}") from None
+        raise _metaimage_input_error(path, error) from None
     check_caps(path, header.size, header.channels, header.dtype.itemsize)
     reader = _geometry(path, "MetaImageIO")
     if tuple(reader.GetSize()) != header.size or reader.GetNumberOfComponents() != header.channels:
@@ -315,7 +321,7 @@ def _read_metaimage(path: Path) -> tuple[np.ndarray, str, sitk.ImageFileReader]:
         array, note = _stack_from_blocks(lambda: metaimage.frame_blocks(header), (frames, height, width),
                                          header.dtype.newbyteorder("="), header.channels)
     except metaimage.MetaImageError as error:
-        raise InputError(f"{path}: {error}") from None
+        raise _metaimage_input_error(path, error) from None
     return array, note, reader
 
 

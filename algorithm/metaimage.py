@@ -38,7 +38,11 @@ FIELDS = ("ObjectType", "NDims", "DimSize", "ElementType", "ElementNumberOfChann
 
 
 class MetaImageError(ValueError):
-    """The file is not a MetaImage we read safely; the message says why (without the path)."""
+    """The file is not a MetaImage we can read; the message says why (without the path)."""
+
+
+class MetaImageRefused(MetaImageError):
+    """A MetaImage that names a data file outside its folder, or a feature we do not read."""
 
 
 @dataclass(frozen=True)
@@ -112,14 +116,14 @@ def _data_file(header_path: Path, name: str) -> Path:
     if name in LOCAL:
         return header_path
     if not name or name.startswith("LIST") or "%" in name or "\0" in name:
-        raise MetaImageError(f"ElementDataFile = {name[:60]!r}: only LOCAL or one file beside the header is read")
+        raise MetaImageRefused(f"ElementDataFile = {name[:60]!r}: only LOCAL or one file beside the header is read")
     if os.path.isabs(name) or name.startswith("~"):
-        raise MetaImageError(f"ElementDataFile = {name[:60]!r} is an absolute path: only files inside the "
+        raise MetaImageRefused(f"ElementDataFile = {name[:60]!r} is an absolute path: only files inside the "
                              "image's folder are read")
     folder = os.path.realpath(header_path.parent)
     resolved = os.path.realpath(os.path.join(header_path.parent, name))
     if os.path.commonpath([folder, resolved]) != folder:
-        raise MetaImageError(f"ElementDataFile = {name[:60]!r} lies outside the image's folder")
+        raise MetaImageRefused(f"ElementDataFile = {name[:60]!r} lies outside the image's folder")
     if not os.path.isfile(resolved):
         raise MetaImageError(f"ElementDataFile = {name[:60]!r}: no such regular file beside the header")
     return Path(resolved)
@@ -145,9 +149,9 @@ def read_header(path: Path) -> MetaHeader:
         raise MetaImageError(f"ElementType = {element[:40]!r} is not a numeric MetaIO type")
     channels = _int("ElementNumberOfChannels", fields.get("ElementNumberOfChannels", "1"), low=1)
     if not _flag(fields.get("BinaryData", "True")):
-        raise MetaImageError("BinaryData = False (pixels as text) is not supported")
+        raise MetaImageRefused("BinaryData = False (pixels as text) is not supported")
     if _int("HeaderSize", fields.get("HeaderSize", "0"), low=0) != 0:
-        raise MetaImageError("HeaderSize is not supported (pixels must follow the header or fill a data file)")
+        raise MetaImageRefused("HeaderSize is not supported (pixels must follow the header or fill a data file)")
     big_endian = _flag(fields.get("BinaryDataByteOrderMSB", "False")) or _flag(fields.get("ElementByteOrderMSB",
                                                                                            "False"))
     dtype = np.dtype(ELEMENT_TYPES[element]).newbyteorder(">" if big_endian else "<")
@@ -165,7 +169,7 @@ def _open_regular(path: Path):
     fh = open(path, "rb")
     if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):  # a link swapped for a device after the check
         fh.close()
-        raise MetaImageError(f"the data file {path.name} is not a regular file")
+        raise MetaImageRefused(f"the data file {path.name} is not a regular file")
     return fh
 
 
