@@ -1,7 +1,8 @@
 """`python -m algorithm`: one grand-challenge case from /input to /output.
 
-Exit codes: 0 success, 1 unexpected internal error, 2 bad input, 3 bad weights, 4 output not writable.
-Every expected failure is one line on stderr naming the problem; nothing is left half-written in the output.
+Exit codes: 0 success, 1 unexpected internal error, 2 bad input, 3 bad weights, 4 output not writable or
+in use by another run, 130 / 143 interrupted by SIGINT / SIGTERM. Every expected failure is one line on
+stderr naming the problem; nothing is left half-written in the output.
 """
 from __future__ import annotations
 
@@ -13,10 +14,10 @@ from pathlib import Path
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from . import __version__
+from . import __version__, signals
 from .contract import check_writable
-from .errors import AlgorithmError
-from .run import EXTRAS_DIR, load, predict_case, read_case
+from .errors import AlgorithmError, Interrupted
+from .run import EXTRAS_DIR, load, output_lock, predict_case, read_case
 from .weights import resolve_weights
 
 
@@ -25,7 +26,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--input", type=Path, default=Path("/input"), help="case folder (default /input)")
     parser.add_argument("--output", type=Path, default=Path("/output"), help="output folder (default /output)")
     parser.add_argument("--weights", type=Path, default=None,
-                        help="checkpoint (.safetensors); default: /opt/ml/model/, then the bundled weights")
+                        help="checkpoint (.safetensors) or a folder holding one; default: the one in "
+                             "/opt/ml/model/ when that folder exists, else the bundled demo weights")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                         help="auto: the GPU when torch can use it (a WARNING says why not when one is visible)")
     parser.add_argument("--precision", default=None, choices=["auto", "fp32", "fp16", "bf16"],
@@ -50,6 +52,11 @@ def overrides_from(args: argparse.Namespace) -> dict:
 def run(args: argparse.Namespace) -> dict:
     started = time.perf_counter()
     check_writable(args.output)
+    with output_lock(args.output):
+        return _run_locked(args, started)
+
+
+def _run_locked(args: argparse.Namespace, started: float) -> dict:
     weights_path = resolve_weights(args.weights)
     stack, read_seconds = read_case(args.input)
     predictor, checkpoint = load(weights_path, overrides_from(args))
@@ -65,14 +72,20 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
+    restore = signals.install()  # SIGTERM unwinds like Ctrl-C, also as PID 1 of a container
     try:
         run(args)
     except AlgorithmError as error:
         print(f"error: {error}", file=sys.stderr)
         return error.exit_code
+    except Interrupted as interrupted:
+        print(f"error: interrupted by {interrupted}", file=sys.stderr)
+        return interrupted.exit_code
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
+    finally:
+        restore()
     return 0
 
 

@@ -12,24 +12,23 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from .contract import Stack, find_input_image, read_stack, write_outputs
+from .contract import EXTRAS_DIR, Stack, find_input_image, output_lock, read_stack, write_outputs
 from .errors import AlgorithmError, WeightsError
 from .report import case_picture, write_png
 
 log = logging.getLogger("algorithm")
-EXTRAS_DIR = Path("fetalclipseg")
+__all__ = ["EXTRAS_DIR", "load", "output_lock", "peak_memory_gib", "predict_case", "process_case", "read_case"]
 
 
 def load(weights_path: Path, overrides: dict):
-    """Load the predictor, turning every checkpoint failure into a WeightsError that names the file."""
+    """Load the predictor; every checkpoint failure is a WeightsError (exit 3) that names the file."""
     from .inference import load_predictor
-    from .model.checkpoint import CheckpointError
     from .runtime import DeviceError, runtime_line
 
     try:
         predictor, checkpoint = load_predictor(weights_path, overrides)
-    except CheckpointError as error:
-        raise WeightsError(str(error)) from None
+    except MemoryError:
+        raise WeightsError(f"{weights_path}: not enough memory to load these weights") from None
     except DeviceError as error:  # e.g. --device cuda without a usable GPU, fp16 on the CPU
         raise AlgorithmError(str(error)) from None
     log.info("weights %s: %s", weights_path, checkpoint["provenance"])
@@ -63,7 +62,10 @@ def process_case(predictor, checkpoint: dict, stack: Stack, output: Path, extras
     """Predict one read stack and write its outputs (and, with `extras`, result.json and the picture).
 
     The CLI and the test-set benchmark's local runner both call this, so their outputs are the same bytes.
-    Returns the `CaseResult` and the summary dict (its `timings_s` gains `write`).
+    Writing takes the output folder's lock (another run writing there is an OutputError, exit 4) and leaves
+    nothing of an earlier run of ours beside this one's outputs; a caller that wants the folder for the
+    whole case (the CLI does) holds `output_lock(output)` around it. Returns the `CaseResult` and the
+    summary dict (its `timings_s` gains `write`).
     """
     result = predictor.predict(stack.array, progress=progress)
     summary = {"input": str(stack.path), **result.summary(), "checkpoint": checkpoint,

@@ -34,7 +34,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from . import __version__
-from .contract import OUTPUT_FRAME, OUTPUT_MASK, check_writable
+from .contract import check_writable, output_lock, remove_outputs
 from .errors import AlgorithmError, InputError, OutputError, WeightsError
 from .run import EXTRAS_DIR, load, predict_case, read_case
 from .weights import resolve_weights
@@ -45,7 +45,6 @@ HOST = "127.0.0.1"
 PORT = 4743  # the port grand-challenge's shim calls; it cannot tell us another one (it strips its variables)
 # Everything a job of ours may leave in the output folder: removed before each job, so that a job never
 # answers 201 beside another job's files, and a failed job leaves none of ours.
-OUR_OUTPUTS = (OUTPUT_MASK, OUTPUT_FRAME, EXTRAS_DIR / "result.json", EXTRAS_DIR / "chosen_frame.png")
 # HTTP status of each failure, by the CLI's exit code (errors.py).
 STATUS_BY_EXIT_CODE = {InputError.exit_code: 422, WeightsError.exit_code: 503, OutputError.exit_code: 500}
 
@@ -144,16 +143,9 @@ class Service:
 
     # ------------------------------------------------------------------------------------------- jobs
     def clear_outputs(self) -> None:
-        """Remove outputs of ours (and our staged temporaries) left by an earlier job; nothing else."""
-        for relative in OUR_OUTPUTS:
-            target = self.output_dir / relative
-            staged = f".{target.stem}.*.partial{''.join(target.suffixes)}"
-            for path in (target, *target.parent.glob(staged)):
-                try:
-                    if path.is_file() or path.is_symlink():
-                        path.unlink()
-                except OSError as error:
-                    raise OutputError(f"cannot remove the earlier output {path}: {error.strerror or error}") from None
+        """Remove outputs of ours left by an earlier job, so a failing job never leaves the last one's."""
+        with output_lock(self.output_dir):
+            remove_outputs(self.output_dir)
 
     def run_job(self, job: Job) -> dict:
         """One case from the current `/input` into `/output` (called in the job's thread)."""

@@ -1,5 +1,6 @@
 """The grand-challenge contract: locating and reading the input, writing outputs atomically."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -144,3 +145,88 @@ def test_transaction_abort_removes_staged(tmp_path):
     assert list(tmp_path.glob(".*partial*"))
     transaction.abort()
     assert not list(tmp_path.rglob("*.json"))
+
+
+# ---------------------------------------------------------------------------- our MetaImage reading and writing
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int8, np.int16, np.uint16, np.int32, np.uint32, np.int64,
+                                   np.uint64, np.float32, np.float64])
+@pytest.mark.parametrize("compressed", [True, False])
+@pytest.mark.parametrize("vector", [False, True])
+def test_metaimage_pixels_decode_as_simpleitk_reads_them(tmp_path, dtype, compressed, vector):
+    from algorithm import metaimage
+
+    rng = np.random.default_rng(0)
+    shape = (5, 7, 9, 3) if vector else (5, 7, 9)
+    info = np.iinfo(dtype) if np.issubdtype(dtype, np.integer) else None
+    array = (rng.integers(info.min, info.max, shape, dtype=dtype, endpoint=True) if info is not None
+             else rng.normal(0, 1e3, shape).astype(dtype))
+    path = tmp_path / "x.mha"
+    sitk.WriteImage(sitk.GetImageFromArray(array, isVector=vector), str(path), useCompression=compressed)
+    header = metaimage.read_header(path)
+    decoded = np.concatenate([block for _, block in metaimage.frame_blocks(header)])
+    expected = sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+    assert decoded.dtype == expected.dtype and np.array_equal(decoded, expected)
+
+
+def test_big_endian_metaimage(tmp_path):
+    from algorithm import metaimage
+
+    array = (np.arange(2 * 3 * 4).reshape(2, 3, 4) * 300).astype(">i2")
+    path = tmp_path / "be.mha"
+    path.write_bytes(b"ObjectType = Image\nNDims = 3\nDimSize = 4 3 2\nElementType = MET_SHORT\n"
+                     b"BinaryDataByteOrderMSB = True\nElementDataFile = LOCAL\n" + array.tobytes())
+    decoded = np.concatenate([block for _, block in metaimage.frame_blocks(metaimage.read_header(path))])
+    assert np.array_equal(decoded, array.astype(np.int16))
+    assert np.array_equal(decoded, sitk.GetArrayFromImage(sitk.ReadImage(str(path))))
+
+
+def test_header_parse_follows_metaio(tmp_path):
+    """':' separates like '=', names are case-sensitive (an unknown name is skipped), the header ends at
+    ElementDataFile, and a key given twice is refused."""
+    from algorithm import metaimage
+
+    path = tmp_path / "h.mha"
+    pixels = bytes(range(24))
+    path.write_bytes(b"ObjectType: Image\nNDims = 3\nelementdatafile = /etc/passwd\nDimSize = 4 3 2\n"
+                     b"ElementType := MET_UCHAR\nElementDataFile = LOCAL\n" + pixels)
+    header = metaimage.read_header(path)
+    assert header.size == (4, 3, 2) and header.data_file == path and header.data_offset == len(path.read_bytes()) - 24
+    path.write_bytes(b"NDims = 3\nNDims = 3\nDimSize = 4 3 2\nElementType = MET_UCHAR\nElementDataFile = LOCAL\n")
+    with pytest.raises(metaimage.MetaImageError, match="twice"):
+        metaimage.read_header(path)
+
+
+def test_streamed_mask_reads_back_as_simpleitk_would_write_it(tmp_path):
+    from algorithm.contract import Stack, mask_stack_image, write_mask
+
+    direction = (0.0, 1.0, 0.0, -1.0, 0.0, 0.0, 0.0, 0.0, 1.0)
+    stack = Stack(array=np.zeros((7, 20, 30), np.uint8), spacing=(0.28, 0.3, 1.5), origin=(-3.0, 4.5, 10.0),
+                  direction=direction, path=tmp_path / "in.mha")
+    mask = np.zeros((20, 30), np.uint8)
+    mask[4:12, 5:25] = 1
+    for frame, frame_mask in ((3, mask), (-1, None)):
+        write_mask(tmp_path / "ours.mha", stack, frame, frame_mask)
+        ours = sitk.ReadImage(str(tmp_path / "ours.mha"))
+        reference = mask_stack_image(stack, frame, frame_mask)
+        assert np.array_equal(sitk.GetArrayFromImage(ours), sitk.GetArrayFromImage(reference))
+        assert ours.GetSpacing() == pytest.approx(stack.spacing) and ours.GetOrigin() == pytest.approx(stack.origin)
+        assert ours.GetDirection() == pytest.approx(direction) and ours.GetPixelID() == sitk.sitkUInt8
+
+
+def test_stale_outputs_of_ours_are_removed_on_commit_only(tmp_path):
+    stack = read_stack(write_image(tmp_path / "s.mha", np.ones((6, 8, 10), dtype=np.uint8)))
+    out = tmp_path / "out"
+    write_outputs(out, stack, 2, np.ones((8, 10), np.uint8),
+                  {Path("fetalclipseg") / "result.json": lambda p: p.write_text("{}")})
+
+    def explode(path):
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OutputError):
+        write_outputs(out, stack, 1, None, {Path("fetalclipseg") / "chosen_frame.png": explode})
+    assert (out / "fetalclipseg" / "result.json").is_file()  # a failed run changes nothing
+    assert json.loads((out / OUTPUT_FRAME).read_text()) == 2
+    write_outputs(out, stack, 1, None)
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()) == \
+        sorted([str(OUTPUT_FRAME), str(OUTPUT_MASK)])

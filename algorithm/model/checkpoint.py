@@ -6,8 +6,11 @@ executes pickled code.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import os
+import re
 import tempfile
 from dataclasses import dataclass, field
 from importlib import metadata as importlib_metadata
@@ -20,14 +23,29 @@ from safetensors.torch import load_file, save_file
 
 from algorithm import __version__
 from algorithm.config import CLIP_MEAN, CLIP_STD, ModelConfig
+from algorithm.errors import WeightsError
 from algorithm.model.fetalclipseg import FetalCLIPSeg, build_model
 
 FORMAT_NAME = "fetalclipseg"
 FORMAT_VERSION = 1
 
+# What a checkpoint may declare. Generous around FetalCLIP's ViT-L/14 and the small configuration, and bounded
+# so that a file cannot ask for an absurd network; the decoder takes exactly four skip layers and the frame
+# selection reads three frame classes.
+INT_RANGES: dict[str, tuple[int, int]] = {
+    "image_size": (28, 1024), "patch_size": (2, 64), "width": (8, 4096), "layers": (1, 64), "heads": (1, 128),
+    "embed_dim": (8, 4096), "decoder_filters": (1, 512), "mask_classes": (2, 16), "frame_classes": (3, 3),
+    "lora_rank": (1, 512), "lora_alpha": (1, 4096),
+}
+FLOAT_RANGES: dict[str, tuple[float, float]] = {"mlp_ratio": (0.25, 16.0), "lora_dropout": (0.0, 0.9)}
+BOOL_FIELDS = ("use_lora", "encoder_no_grad")
+SKIP_LAYER_COUNT = 4
+MAX_NAME_LENGTH = 200
+MODULE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 
-class CheckpointError(ValueError):
-    """A checkpoint file that is missing, unreadable, or not one of ours."""
+
+class CheckpointError(WeightsError):
+    """A checkpoint file that is missing, unreadable, not one of ours, or whose contents cannot be trusted."""
 
 
 @dataclass(frozen=True)
@@ -100,8 +118,55 @@ def save_checkpoint(path: str | Path, model: FetalCLIPSeg, config: ModelConfig, 
     return path
 
 
+def validate_model_config(data: object) -> ModelConfig:
+    """The ModelConfig a checkpoint declares, after checking every field's type and range (ValueError if not).
+
+    JSON has no tuples and bool is an int in Python, so types are checked here rather than trusted to the
+    dataclass; a field left out takes its default (older files), an unknown one is ignored (newer files).
+    """
+    if not isinstance(data, dict):
+        raise ValueError(f"model_config must be a JSON object, got {type(data).__name__}")
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    values = {k: v for k, v in data.items() if k in known}
+    problems = []
+    for name, (low, high) in INT_RANGES.items():
+        value = values.get(name, low)
+        if type(value) is not int or not low <= value <= high:
+            problems.append(f"{name}={str(value)[:40]!r} (an integer in [{low}, {high}])")
+    for name, (low, high) in FLOAT_RANGES.items():
+        value = values.get(name, low)
+        if type(value) not in (int, float) or not math.isfinite(value) or not low <= value <= high:
+            problems.append(f"{name}={str(value)[:40]!r} (a number in [{low}, {high}])")
+    for name in BOOL_FIELDS:
+        if name in values and type(values[name]) is not bool:
+            problems.append(f"{name}={values[name]!r} (true or false)")
+    if "name" in values and (not isinstance(values["name"], str) or len(values["name"]) > MAX_NAME_LENGTH):
+        problems.append(f"name={str(values['name'])[:40]!r} (a string of at most {MAX_NAME_LENGTH} characters)")
+    targets = values.get("lora_targets", [])
+    if "lora_targets" in values and (not isinstance(targets, list) or not 1 <= len(targets) <= 16 or not all(
+            isinstance(t, str) and MODULE_NAME.fullmatch(t) for t in targets)):
+        problems.append(f"lora_targets={str(targets)[:60]} (1 to 16 module names)")
+    skips = values.get("skip_layers", [])
+    if "skip_layers" in values and (not isinstance(skips, list) or len(skips) != SKIP_LAYER_COUNT or not all(
+            type(i) is int for i in skips)):
+        problems.append(f"skip_layers={str(skips)[:60]} ({SKIP_LAYER_COUNT} integers)")
+    if problems:
+        raise ValueError("invalid model_config: " + "; ".join(problems))
+    config = ModelConfig.from_dict(values)
+    if list(config.skip_layers) != sorted(set(config.skip_layers)) or not (
+            1 <= config.skip_layers[0] and config.skip_layers[-1] <= config.layers):
+        problems.append(f"skip_layers={list(config.skip_layers)} (increasing, within 1..layers={config.layers})")
+    if config.width % config.heads:
+        problems.append(f"width={config.width} is not divisible by heads={config.heads}")
+    if config.image_size % config.patch_size:
+        problems.append(f"image_size={config.image_size} is not a multiple of patch_size={config.patch_size}")
+    if problems:
+        raise ValueError("invalid model_config: " + "; ".join(problems))
+    return config
+
+
 def read_checkpoint_info(path: str | Path) -> CheckpointInfo:
-    """The metadata of a checkpoint, without reading its weights."""
+    """The metadata of a checkpoint, validated, without reading its weights."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
@@ -116,42 +181,89 @@ def read_checkpoint_info(path: str | Path) -> CheckpointInfo:
         format_version = int(meta["format_version"])
         if format_version > FORMAT_VERSION:
             raise CheckpointError(f"{path} has format version {format_version}; this code reads up to {FORMAT_VERSION}")
+        preprocessing, extra = json.loads(meta["preprocessing"]), json.loads(meta["extra"])
+        if not isinstance(preprocessing, dict) or not isinstance(extra, dict):
+            raise ValueError("preprocessing and extra must be JSON objects")
         return CheckpointInfo(
-            config=ModelConfig.from_dict(json.loads(meta["model_config"])),
+            config=validate_model_config(json.loads(meta["model_config"])),
             provenance=meta["provenance"],
             version=meta["algorithm_version"],
             format_version=format_version,
-            preprocessing=json.loads(meta["preprocessing"]),
-            extra=json.loads(meta["extra"]),
+            preprocessing=preprocessing,
+            extra=extra,
         )
     except CheckpointError:
         raise
-    except (KeyError, TypeError, ValueError) as exc:
-        raise CheckpointError(f"{path} has incomplete or invalid metadata: {exc!r}") from exc
+    except (KeyError, TypeError, ValueError, RecursionError) as exc:  # RecursionError: absurdly nested JSON
+        raise CheckpointError(f"{path} has incomplete or invalid metadata: {str(exc)[:300]}") from None
+
+
+def expected_tensors(config: ModelConfig) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Name -> (shape, dtype) of every tensor the network `config` describes, built on the meta device (no
+    memory is allocated, so a huge declared config costs nothing before it is refused)."""
+    with torch.device("meta"):
+        model = build_model(config)
+    return {name: (tuple(t.shape), t.dtype) for name, t in model.state_dict().items()}
+
+
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                       "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def check_tensor_headers(path: Path, config: ModelConfig) -> None:
+    """Names, shapes and dtypes in the file's header against what `config` builds, before any weight is read."""
+    try:
+        expected = expected_tensors(config)
+    except (ValueError, RuntimeError, TypeError) as exc:
+        raise CheckpointError(f"{path}: its config cannot be built: {str(exc)[:300]}") from None
+    with safe_open(str(path), framework="pt") as fh:
+        found = {name: (tuple(fh.get_slice(name).get_shape()), fh.get_slice(name).get_dtype()) for name in fh.keys()}
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: weights do not match its config: missing {missing[:5]} ({len(missing)}), "
+                              f"unexpected {unexpected[:5]} ({len(unexpected)})")
+    wrong = []
+    for name, (shape, dtype) in expected.items():
+        file_shape, file_dtype = found[name]
+        if file_shape != shape or _SAFETENSORS_DTYPES.get(file_dtype) != dtype:
+            wrong.append(f"{name}: {file_dtype}{list(file_shape)}, expected {str(dtype).removeprefix('torch.')}"
+                         f"{list(shape)}")
+    if wrong:
+        raise CheckpointError(f"{path}: weights do not match its config ({len(wrong)} tensors): " + "; ".join(wrong[:3]))
+
+
+def check_finite(path: Path, state: Mapping[str, torch.Tensor]) -> None:
+    """Every floating-point tensor must be finite: NaN weights give -1 on every case without a word."""
+    bad = [name for name, tensor in state.items() if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+    if bad:
+        raise CheckpointError(f"{path}: {len(bad)} tensors hold NaN or infinite values (first: {bad[0]})")
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu",
                     merge_lora: bool = False) -> tuple[FetalCLIPSeg, CheckpointInfo]:
     """Rebuild the network a checkpoint describes, load its weights strictly, return it in eval mode.
 
-    `merge_lora=True` folds the adapters into the encoder weights (inference: plain open_clip modules, no
-    per-call weight merging); `info.config` stays the file's.
+    Checked in order, each before anything bigger is done: the metadata (config types and ranges), the
+    tensor names, shapes and dtypes in the header against the config (before the network is allocated),
+    then the values (finite). `merge_lora=True` folds the adapters into the encoder weights (inference:
+    plain open_clip modules, no per-call weight merging); `info.config` stays the file's.
     """
     path = Path(path)
     info = read_checkpoint_info(path)
+    check_tensor_headers(path, info.config)
     try:
         state = load_file(str(path), device="cpu")
     except Exception as exc:
         raise CheckpointError(f"{path}: cannot read weights: {exc}") from exc
+    check_finite(path, state)
     model = build_model(info.config)
     try:
-        result = model.load_state_dict(state, strict=False)
-    except RuntimeError as exc:  # shape mismatches
-        raise CheckpointError(f"{path}: weights do not match its config: {exc}") from exc
-    if result.missing_keys or result.unexpected_keys:
-        raise CheckpointError(f"{path}: weights do not match its config: missing {result.missing_keys[:5]}"
-                              f" ({len(result.missing_keys)}), unexpected {result.unexpected_keys[:5]}"
-                              f" ({len(result.unexpected_keys)})")
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:  # cannot happen after check_tensor_headers unless the model code changed
+        raise CheckpointError(f"{path}: weights do not match its config: {str(exc)[:300]}") from exc
+    del state
     if merge_lora:
         model.merge_lora()
     return model.to(device).eval(), info

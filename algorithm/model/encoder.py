@@ -19,6 +19,7 @@ from open_clip.model import _build_vision_tower
 from open_clip.transformer import VisionTransformer
 
 from algorithm.config import ModelConfig
+from algorithm.errors import WeightsError
 
 if TYPE_CHECKING:  # peft pulls in transformers (seconds): imported only where adapters are built
     from peft import LoraConfig
@@ -35,10 +36,6 @@ FETALCLIP_CONFIG: dict[str, Any] = {
 # open_clip's defaults, left out of derived configs so the full config reproduces FETALCLIP_CONFIG exactly.
 _OPEN_CLIP_HEAD_WIDTH = 64
 _OPEN_CLIP_MLP_RATIO = 4.0
-
-
-class WeightsError(ValueError):
-    """A pretrained FetalCLIP weights file that cannot be read or does not fit the encoder."""
 
 
 class EncoderOutput(NamedTuple):
@@ -80,7 +77,7 @@ def build_visual(config: ModelConfig) -> VisionTransformer:
     return _build_vision_tower(cfg["embed_dim"], copy.deepcopy(cfg["vision_cfg"]))
 
 
-def _read_state_dict(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise WeightsError(f"FetalCLIP weights not found: {path}")
     try:
@@ -89,10 +86,11 @@ def _read_state_dict(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
 
             obj: Any = load_file(str(path), device="cpu")
         else:
-            obj = torch.load(path, map_location="cpu", weights_only=not allow_pickle)
+            # Never unpickle: weights_only=True reads tensors and plain containers and refuses code.
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError... for bad files
-        hint = "" if allow_pickle else " (loaded with weights_only=True; pass allow_pickle=True for a trusted file)"
-        raise WeightsError(f"cannot read FetalCLIP weights {path}: {exc}{hint}") from exc
+        raise WeightsError(f"cannot read FetalCLIP weights {path} (read with weights_only=True, which "
+                           f"refuses pickled objects other than tensors and plain containers): {exc}") from exc
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -100,7 +98,7 @@ def _read_state_dict(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in obj.items()}
 
 
-def load_fetalclip_visual(visual: VisionTransformer, path: str | Path, allow_pickle: bool = False) -> None:
+def load_fetalclip_visual(visual: VisionTransformer, path: str | Path) -> None:
     """Load the `visual.*` part of a whole-CLIP FetalCLIP checkpoint into `visual`, strictly.
 
     Accepts `{'state_dict': sd}` (DDP's `module.` prefix allowed) or a plain state dict, as `.pt` or
@@ -108,7 +106,7 @@ def load_fetalclip_visual(visual: VisionTransformer, path: str | Path, allow_pic
     naming the file. Call before injecting LoRA (adapters rename the wrapped weights).
     """
     path = Path(path)
-    state = _read_state_dict(path, allow_pickle)
+    state = _read_state_dict(path)
     visual_state = {k[len("visual."):]: v for k, v in state.items() if k.startswith("visual.")}
     if not visual_state:
         raise WeightsError(f"{path} has no 'visual.*' keys: not a whole-CLIP FetalCLIP checkpoint")
@@ -155,7 +153,7 @@ def _is_lora_layer(module: nn.Module) -> bool:
 class FetalCLIPEncoder(nn.Module):
     """FetalCLIP's ViT returning the decoder's token maps and the frame head's embedding in one pass."""
 
-    def __init__(self, config: ModelConfig, weights: str | Path | None = None, allow_pickle: bool = False):
+    def __init__(self, config: ModelConfig, weights: str | Path | None = None):
         super().__init__()
         layers = list(config.skip_layers)
         if layers != sorted(set(layers)) or layers[0] < 1 or layers[-1] > config.layers:
@@ -163,7 +161,7 @@ class FetalCLIPEncoder(nn.Module):
         self.config = config
         self.visual = build_visual(config)
         if weights is not None:
-            load_fetalclip_visual(self.visual, weights, allow_pickle=allow_pickle)
+            load_fetalclip_visual(self.visual, weights)
         self.has_lora = False
         if config.use_lora:
             inject_lora(self.visual, config)

@@ -38,11 +38,14 @@ import json
 import logging
 import os
 import random
+import re
 import threading
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, TypeVar
+from urllib.parse import quote, quote_plus
 
 from training import layout
 
@@ -99,23 +102,50 @@ def http_status(error: BaseException) -> int | None:
     return error.response.status_code if isinstance(error, httpx.HTTPStatusError) else None
 
 
+def secret_forms(secret: str) -> list[str]:
+    """Every way `secret` can show up in text: raw, escaped as Python, JSON or bytes reprs do (once or
+    twice), URL-encoded, and its pieces between whitespace or control characters (a token with a line break
+    is printed in halves by some libraries). Longest first, so a longer form is replaced before its parts."""
+    if not secret:
+        return []
+    forms = {secret}
+    for _ in range(2):  # a repr of a repr (an exception message quoting another) escapes twice
+        for form in list(forms):
+            forms.update({repr(form)[1:-1], json.dumps(form)[1:-1], repr(form.encode("utf-8"))[2:-1],
+                          form.encode("unicode_escape").decode("ascii")})
+    forms.update({quote(secret, safe=""), quote_plus(secret)})
+    forms.update(piece for piece in re.split(r"[\s\x00-\x1f\x7f]+", secret) if len(piece) >= 6)
+    return sorted((f for f in forms if f), key=len, reverse=True)
+
+
 class Redactor(logging.Filter):
-    """Replaces a secret in log records (message and arguments) and in any text given to `__call__`."""
+    """Replaces a secret, in any of its forms (`secret_forms`), in log records (message, arguments and
+    traceback text) and in any text given to `__call__`."""
 
     def __init__(self, secret: str):
         super().__init__()
         self.secret = secret
+        self.forms = secret_forms(secret)
 
     def __call__(self, text: str) -> str:
-        return text.replace(self.secret, "[redacted]") if self.secret else text
+        for form in self.forms:
+            text = text.replace(form, "[redacted]")
+        return text
+
+    def leaks(self, text: str) -> bool:
+        return any(form in text for form in self.forms)
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if self.secret:
+        if self.forms:
             message = record.getMessage()
-            if self.secret in message:
+            if self.leaks(message):
                 record.msg, record.args = self(message), None
-            if record.exc_info and record.exc_info[1] is not None and self.secret in str(record.exc_info[1]):
-                record.exc_info, record.exc_text = None, None
+            if record.exc_info and record.exc_info[1] is not None:
+                text = "".join(traceback.format_exception(*record.exc_info))
+                if self.leaks(text):
+                    record.exc_info, record.exc_text = None, self(text).rstrip("\n")
+            elif record.exc_text and self.leaks(record.exc_text):
+                record.exc_text = self(record.exc_text)
         return True
 
 
@@ -138,6 +168,7 @@ class GrandChallengeRunner:
         self.retry = retry or RetryPolicy()
         self._token = token if token is not None else os.environ.get(TOKEN_ENV, "")
         self.redact = Redactor(self._token)
+        self._token = self._token.strip()  # a trailing newline from `$(cat token-file)` or a copy-paste
         self.client = None
         self.stop = threading.Event()
         self._jobs_lock = threading.Lock()
@@ -187,6 +218,9 @@ class GrandChallengeRunner:
         if not self._token:
             raise FatalError(f"set {TOKEN_ENV} to a grand-challenge API token "
                              "(https://grand-challenge.org/settings/api-tokens/)")
+        if re.search(r"[\s\x00-\x1f\x7f]", self._token):
+            raise FatalError(f"{TOKEN_ENV} holds whitespace or a control character inside the token (a line "
+                             "break from a copy-paste?); it was not sent")
         self.jobs = read_json(self.jobs_path, {}) or {}
         try:
             self.client = self._call("connect", lambda: gcapi.Client(
