@@ -269,7 +269,7 @@ def _official_code_runs() -> str | None:
 @pytest.mark.slow
 @pytest.mark.skipif(_official_code_runs() is not None, reason=str(_official_code_runs()))
 def test_official_mode_equals_the_official_code(tmp_path):
-    """Every hand-built case of test/official/cases.py, plus random ones: each per-case value the official
+    """Every hand-built case of test/official/cases.py, plus 3 random ones: each per-case value the official
     code computes (its overlap measures, DSC_soft, nearest frame, HD, WFSS, NAE) and both ACs, to 1e-9;
     and the same cases on which it raises."""
     from cases import hand_built, random_cases, write_cases
@@ -279,10 +279,10 @@ def test_official_mode_equals_the_official_code(tmp_path):
 
     checkout = Path(OFFICIAL).resolve()
     fov = read_fov_mask(checkout / "data" / "fov_mask.mha")
-    write_cases(hand_built(fov) + random_cases(fov, 6, seed=0), tmp_path / "gt", tmp_path / "pred")
+    write_cases(hand_built(fov) + random_cases(fov, 3, seed=0), tmp_path / "gt", tmp_path / "pred")
     ours, theirs = run_both(checkout, OFFICIAL_PYTHON, tmp_path / "gt", tmp_path / "pred", tmp_path)
     compared, mismatches = compare(ours, theirs)
     assert not mismatches, "\n".join(mismatches)
-    assert len(theirs) == 31 and compared > 300
+    assert len(theirs) == 28 and compared > 300
     assert {u for u, r in theirs.items() if "error" in r} == set(ours["failed"]) == {
         "negative-frame", "frame-past-the-end", "no-mask-file", "mask-file-2d"}

@@ -112,7 +112,8 @@ def _noisy_outline(truth: TrueEllipse, shape: tuple[int, int], rng: np.random.Ge
     """The ellipse with its radius perturbed by smooth noise (harmonics 3-24, s.d. NOISE_SD_PX)."""
     t = np.linspace(0.0, 2 * math.pi, 2048, endpoint=False)
     ks = np.arange(3, 25)
-    noise = (rng.normal(size=len(ks))[:, None] / ks[:, None] * np.cos(ks[:, None] * t + rng.uniform(0, 6.3, len(ks))[:, None])).sum(0)
+    amplitudes, phases = rng.normal(size=len(ks))[:, None] / ks[:, None], rng.uniform(0, 6.3, len(ks))[:, None]
+    noise = (amplitudes * np.cos(ks[:, None] * t + phases)).sum(0)
     noise *= NOISE_SD_PX / noise.std()
     a, b = truth.semi_axes
     x, y = a * np.cos(t), b * np.sin(t)

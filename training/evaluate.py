@@ -228,7 +228,8 @@ def evaluate(predictions: Path, ground_truth: Path, fov_mask: np.ndarray | None 
                                 "written as null")
         cases[uuid] = _json_ready(record)
 
-    extra = sorted(p.name for p in predictions.iterdir() if p.is_dir() and p.name not in cases and p.name not in failed)
+    scored = set(cases) | set(failed)
+    extra = sorted(p.name for p in predictions.iterdir() if p.is_dir() and p.name not in scored)
     if extra:
         warnings.append(f"{len(extra)} prediction folder(s) without ground truth ignored: {extra[:5]}")
     aggregate = _aggregate(cases, warnings)

@@ -2,7 +2,8 @@
 and list every per-case value on which they differ by more than 1e-9.
 
     .venv/bin/python test/official/compare.py --checkout DIR --official-python PY --work DIR [--random N] [--seed S]
-    .venv/bin/python test/official/compare.py --checkout DIR --official-python PY --work DIR --ground-truth G --predictions P
+    .venv/bin/python test/official/compare.py --checkout DIR --official-python PY --work DIR \
+        --ground-truth G --predictions P
 
 `--checkout` is a clone of DIAGNijmegen/ACOUSLIC-AI-evaluation-method, `--official-python` an interpreter
 with its requirements (see run_official.py). Without `--ground-truth` it writes cases (the hand-built ones
