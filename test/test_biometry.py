@@ -76,6 +76,19 @@ def test_ellipse_cut_by_sector_fov():
         ramanujan_perimeter(A, B) * 0.28, rel=0.01)
 
 
+def test_a_mask_stopping_short_of_the_fov_edge_is_extrapolated():
+    """A predicted mask can end a few pixels inside the FOV: its cut side, parallel to the edge, is not
+    abdominal wall. Up to 3 px short it lies in the 4 px edge band and is dropped."""
+    fov = np.zeros((H, W), np.uint8)
+    cv2.ellipse(fov, (372, -60), (520, 520), 0, 50, 130, 1, -1)
+    center = (372, 432)
+    for short in (0, 1, 2, 3):
+        inner = cv2.erode(fov, np.ones((2 * short + 1, 2 * short + 1), np.uint8)) if short else fov
+        assert rel_error(fit_ellipse(drawn_ellipse(center) & inner, fov.astype(bool))) < 0.01, short
+    far = cv2.erode(fov, np.ones((11, 11), np.uint8))  # 5 px short: its cut side is fitted as wall
+    assert rel_error(fit_ellipse(drawn_ellipse(center) & far, fov.astype(bool))) > 0.05
+
+
 def test_ellipse_cut_by_image_edge():
     center = (372, 535)  # bottom ~35 % below the image
     assert 0.3 <= outside_fraction(center, np.ones((H, W), bool)) <= 0.4

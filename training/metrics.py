@@ -37,7 +37,10 @@ Where we differ from the official code
 4. HD is in mm (officially in pixels, since the scorer drops the spacing), scaled by |distance| (officially
    by the signed difference, which can be negative); its penalty is width x max_distance x spacing mm.
 5. A frame number outside [0, n_frames) is scored as -1 (officially it raises or indexes from the end).
-6. The AC ellipse: see `algorithm.biometry` (largest blob's outer contour, FOV-edge tolerance).
+6. The AC ellipse: see `algorithm.biometry` (largest blob's outer contour, a 4 px FOV-edge band; the
+   official fit re-traces an erased line drawing and keeps one piece of it).
+
+`training.official` reproduces the official code itself, these differences included (`--official`).
 """
 from __future__ import annotations
 
