@@ -47,9 +47,9 @@ def memory(args: argparse.Namespace) -> int:
 
     from algorithm.runtime import choose_precision
     from training.losses import SegLoss, class_weights
-    from training.memory import GiB, device_budget, plan_memory
+    from training.memory import GiB, device_budget, measure_step_peak, plan_memory
     from training.modes import SPECS, build_training_model, canonical_mode
-    from training.train import TrainView, measure_step
+    from training.train import TrainView, make_step, measure_step
 
     mode = canonical_mode(args.mode)
     device = torch.device(args.device)
@@ -65,7 +65,8 @@ def memory(args: argparse.Namespace) -> int:
     yy, xx = torch.meshgrid(torch.arange(224), torch.arange(224), indexing="ij")
     sample = (torch.randn(3, 224, 224), (((yy - 112) / 60.0) ** 2 + ((xx - 112) / 45.0) ** 2 < 1).long(),
               torch.tensor(2))
-    estimate = measure_step(TrainView(model), loss, sample, device, precision)
+    view = TrainView(model)
+    estimate = measure_step(view, loss, sample, device, precision)
     budget = device_budget(device, args.budget_gib)
     plan = plan_memory(estimate, args.batch_size, budget, args.grad_checkpointing, args.accumulate)
     result = {"config": args.config, "mode": mode, "batch_size": args.batch_size, "precision": args.precision,
@@ -73,6 +74,16 @@ def memory(args: argparse.Namespace) -> int:
               "plan": plan.to_dict(),
               "steps_gib": {f"micro {m}, checkpointing {c}": round(estimate.step(m, c) / GiB, 2)
                             for m in (1, args.batch_size) for c in (False, True) if c is False or estimate.can_checkpoint}}
+    if args.measure:
+        # one real step (forward, backward, AdamW) against the estimate of the same step, weights excluded
+        if args.grad_checkpointing:
+            model.set_grad_checkpointing(True)
+        step = make_step(view, loss, sample, device, precision)
+        measured = measure_step_peak(model, step, args.measure, device)
+        predicted = estimate.step(args.measure, bool(args.grad_checkpointing)) - estimate.weights
+        result["validation"] = {"micro_batch": args.measure, "grad_checkpointing": bool(args.grad_checkpointing),
+                                "measured_bytes": measured, "estimated_bytes": predicted,
+                                "estimated_over_measured": round(predicted / max(measured, 1), 3)}
     print(json.dumps(result, indent=2))
     print(plan.describe())
     if args.json:
@@ -129,6 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     mem.add_argument("--budget-gib", type=float, help="memory budget (default: the GPU's free memory)")
     mem.add_argument("--accumulate", type=int)
     mem.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=None)
+    mem.add_argument("--measure", type=int, metavar="MICRO",
+                     help="also run one real step of MICRO frames and compare its measured peak with the estimate")
     mem.add_argument("--json", type=Path)
 
     demo = sub.add_parser("demo-weights", help="train the bundled small replica weights on the CPU")

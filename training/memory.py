@@ -204,3 +204,44 @@ def device_budget(device: torch.device, override_gib: float | None = None) -> in
     free, _ = torch.cuda.mem_get_info(device)
     return int(free * (1 - HEADROOM))
 
+
+
+# ------------------------------------------------------------------------------------------ validation
+
+def _resident_bytes(field: str) -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def measure_step_peak(model: nn.Module, step: Callable[[int], torch.Tensor], micro_batch: int,
+                      device: torch.device) -> int:
+    """Measured extra memory of one real training step (forward, backward, AdamW) of `micro_batch` frames,
+    over what the model held before: CUDA's peak allocation, or on the CPU the peak resident size (VmHWM,
+    reset through /proc/self/clear_refs). Call it on a fresh process's first step: the CPU allocator keeps
+    freed memory, so later steps would read low. Compare with `MemoryEstimate.step(micro) - weights`."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+    else:
+        import gc
+
+        gc.collect()
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")  # resets VmHWM to the current resident size
+        before = _resident_bytes("VmRSS")
+    with _preserved(model):
+        loss = step(micro_batch)
+        loss.backward()
+        optimizer.step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device)
+    else:
+        peak = _resident_bytes("VmHWM")
+    optimizer.zero_grad(set_to_none=True)
+    return int(peak - before)

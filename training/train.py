@@ -196,6 +196,14 @@ def _init_worker(worker_id: int, base: int) -> None:
         augment.set_seed(_mix(base, worker_id))
 
 
+def training_precision(requested: str, device: torch.device | str,
+                       capability: tuple[int, int] | None = None) -> tuple[str, bool]:
+    """(autocast precision, whether gradients need loss scaling) for training on `device`: the shared
+    policy of algorithm.runtime, e.g. fp16 with scaling on a T4 (capability 7.5), bf16 without on an A100."""
+    precision = choose_precision(requested, device, capability=capability)
+    return precision, needs_grad_scaling(precision)
+
+
 def load_weights(model: nn.Module, path: Path) -> None:
     """Initialise `model` from a previous run: our `.safetensors` (a whole exported model, or a baseline's
     trained tensors) or a trainer's last.pt / best.pt (read with weights_only=True).
@@ -247,9 +255,9 @@ class TrainView(nn.Module):
         return mask_logits, self.model.frame_head(embedding)
 
 
-def measure_step(view: TrainView, loss: SegLoss, sample: tuple[torch.Tensor, ...], device: torch.device,
-                 precision: str, channels_last: bool = True) -> MemoryEstimate:
-    """training.memory's estimate of a training step of `view` + `loss`, measured on copies of `sample`."""
+def make_step(view: TrainView, loss: SegLoss, sample: tuple[torch.Tensor, ...], device: torch.device,
+              precision: str, channels_last: bool = True) -> Callable[[int], torch.Tensor]:
+    """step(batch) -> the training loss of `batch` copies of `sample` (forward and loss, no backward)."""
     def step(batch: int) -> torch.Tensor:
         images = sample[0][None].expand(batch, -1, -1, -1).contiguous().to(device)
         if channels_last:
@@ -261,7 +269,13 @@ def measure_step(view: TrainView, loss: SegLoss, sample: tuple[torch.Tensor, ...
             mask_logits, frame_logits = view(images)
         return loss(mask_logits, frame_logits, mask, label)[0]
 
-    return estimate_step_memory(view.model, step)
+    return step
+
+
+def measure_step(view: TrainView, loss: SegLoss, sample: tuple[torch.Tensor, ...], device: torch.device,
+                 precision: str, channels_last: bool = True) -> MemoryEstimate:
+    """training.memory's estimate of a training step of `view` + `loss`, measured on copies of `sample`."""
+    return estimate_step_memory(view.model, make_step(view, loss, sample, device, precision, channels_last))
 
 
 # ------------------------------------------------------------------------------------------ training
@@ -293,8 +307,8 @@ class Trainer:
             torch.set_num_threads(cfg.threads)
         if cfg.batch_size % self.ctx.world:
             raise ValueError(f"batch size {cfg.batch_size} is not divisible by the {self.ctx.world} processes")
-        self.precision = choose_precision(cfg.precision, self.ctx.device)
-        self.scaler = torch.amp.GradScaler(self.ctx.device.type, enabled=needs_grad_scaling(self.precision))
+        self.precision, scaling = training_precision(cfg.precision, self.ctx.device)
+        self.scaler = torch.amp.GradScaler(self.ctx.device.type, enabled=scaling)
 
         if cfg.fetalclip is None and not cfg.train_encoder and self.spec.name != "baseline" and self.ctx.main:
             log.warning("no --fetalclip weights: the encoder is random and frozen (only LoRA/decoder/head "
@@ -385,10 +399,10 @@ class Trainer:
     def _plan_memory(self) -> MemoryPlan:
         """Measure a step and choose checkpointing / accumulation (training.memory)."""
         cfg = self.cfg
-        estimate = measure_step(self.view, self.loss, self.train_set[0], self.ctx.device, self.precision,
-                                cfg.channels_last)
+        self.memory_estimate = measure_step(self.view, self.loss, self.train_set[0], self.ctx.device,
+                                            self.precision, cfg.channels_last)
         budget = device_budget(self.ctx.device, cfg.memory_budget_gib)
-        return plan_memory(estimate, cfg.batch_size // self.ctx.world, budget, cfg.grad_checkpointing,
+        return plan_memory(self.memory_estimate, cfg.batch_size // self.ctx.world, budget, cfg.grad_checkpointing,
                            cfg.accumulate)
 
     # -- schedule
@@ -808,6 +822,8 @@ def add_recipe_arguments(p: argparse.ArgumentParser) -> None:
                    help="augmented copies of every training frame per epoch (the paper's offline x2); 0: each "
                         "frame once, augmented")
     p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--warmup-steps", type=int, default=0)
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="auto", choices=list(PRECISIONS),
                    help="auto: bf16 where native (GPU capability >= 8.0, CPUs with bf16 units), fp16 with "
@@ -843,9 +859,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init", type=Path, help="start from these weights (.safetensors or last.pt/best.pt)")
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--schedule", default="constant", choices=["constant", "cosine"])
-    p.add_argument("--warmup-steps", type=int, default=0)
     p.add_argument("--clip-grad", type=float)
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-channels-last", action="store_true", help="keep NCHW tensors")
     p.add_argument("--no-augment", action="store_true")
     p.add_argument("--sampler", default="uniform", choices=["uniform", "balanced"])
@@ -876,15 +890,15 @@ def recipe_from_args(args: argparse.Namespace) -> dict[str, Any]:
                 max_steps=args.max_steps, negatives_per_positive=args.negatives_per_positive,
                 head_negatives_per_positive=args.head_negatives_per_positive, mask_ce_weight=args.mask_ce_weight,
                 val_max_frames=args.val_max_frames, workers=args.workers, pretrained=args.pretrained,
-                adapt=args.adapt)
+                adapt=args.adapt, warmup_steps=args.warmup_steps, threads=args.threads)
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(
         prepared=args.prepared, out=args.out, mode=canonical_mode(args.mode), backbone=args.backbone,
         init=args.init, **recipe_from_args(args),
-        weight_decay=args.weight_decay, schedule=args.schedule, warmup_steps=args.warmup_steps,
-        clip_grad=args.clip_grad, threads=args.threads, channels_last=not args.no_channels_last,
+        weight_decay=args.weight_decay, schedule=args.schedule,
+        clip_grad=args.clip_grad, channels_last=not args.no_channels_last,
         augment=not args.no_augment, sampler=args.sampler, hard_negatives=args.hard_negatives,
         hard_negative_pool=args.hard_negative_pool, hard_negatives_from=args.hard_negatives_from,
         class_weight_power=args.class_weight_power, dice_weight=args.dice_weight, frame_weight=args.frame_weight,
