@@ -25,7 +25,7 @@ from training.memory import GiB, MemoryEstimate, plan_memory
 from training.modes import SPECS, build_training_model, count_parameters
 from training.prepare import prepare, prepare_key, prepared_matches
 from training.snapshot import SnapshotError, read_snapshot
-from training.train import Trainer, TrainConfig, load_weights, train, training_precision
+from training.train import Trainer, TrainConfig, load_weights, measure_step, train, training_precision
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -187,6 +187,24 @@ def test_measured_estimate_sees_encoder_activations_only_where_gradients_reach_t
     assert not paper.can_checkpoint and paper.per_frame_blocks == 0 and paper.per_frame > 0
     assert fixed.activations(8, checkpointing=True) < fixed.activations(8)
     assert fixed.step(8) > fixed.step(4) > fixed.weights + fixed.training_state
+
+
+def test_half_precision_counts_the_frozen_weight_copies_that_no_saved_tensor_shows(prepared, tmp_path):
+    """paper: encoder under no_grad, so the hooks miss autocast's copies of its weights; fixed saves them."""
+    estimates = {}
+    for mode in ("fixed", "paper"):
+        trainer = Trainer(config(prepared, tmp_path / mode, mode=mode))
+        for precision in ("fp32", "bf16"):
+            estimates[mode, precision] = measure_step(trainer.view, trainer.loss, trainer.train_set[0],
+                                                      trainer.ctx.device, precision)
+    blocks = build_training_model("paper", "small").encoder.visual.transformer.resblocks
+    frozen_half = sum(p.numel() * 2 for p in blocks.parameters() if not p.requires_grad)
+    assert estimates["paper", "bf16"].cast_copies == frozen_half > 0
+    assert estimates["paper", "fp32"].cast_copies == 0
+    assert estimates["fixed", "bf16"].cast_copies == 0  # saved for the backward pass: in its activations
+    assert estimates["fixed", "bf16"].fixed_activations > estimates["fixed", "fp32"].fixed_activations
+    paper = estimates["paper", "bf16"]
+    assert paper.step(4) - dataclasses.replace(paper, cast_copies=0).step(4) == frozen_half
 
 
 def test_a_small_budget_switches_on_checkpointing_and_accumulation_and_still_trains(prepared, tmp_path):

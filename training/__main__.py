@@ -66,6 +66,14 @@ def memory(args: argparse.Namespace) -> int:
     sample = (torch.randn(3, 224, 224), (((yy - 112) / 60.0) ** 2 + ((xx - 112) / 45.0) ** 2 < 1).long(),
               torch.tensor(2))
     view = TrainView(model)
+    measured = None
+    if args.measure:
+        # the real step first, on a fresh process: the CPU allocator keeps what the estimate's passes free,
+        # which would hide part of the step's peak
+        if args.grad_checkpointing:
+            model.set_grad_checkpointing(True)
+        measured = measure_step_peak(model, make_step(view, loss, sample, device, precision), args.measure, device)
+        model.set_grad_checkpointing(False)
     estimate = measure_step(view, loss, sample, device, precision)
     budget = device_budget(device, args.budget_gib)
     plan = plan_memory(estimate, args.batch_size, budget, args.grad_checkpointing, args.accumulate)
@@ -74,12 +82,8 @@ def memory(args: argparse.Namespace) -> int:
               "plan": plan.to_dict(),
               "steps_gib": {f"micro {m}, checkpointing {c}": round(estimate.step(m, c) / GiB, 2)
                             for m in (1, args.batch_size) for c in (False, True) if c is False or estimate.can_checkpoint}}
-    if args.measure:
+    if measured is not None:
         # one real step (forward, backward, AdamW) against the estimate of the same step, weights excluded
-        if args.grad_checkpointing:
-            model.set_grad_checkpointing(True)
-        step = make_step(view, loss, sample, device, precision)
-        measured = measure_step_peak(model, step, args.measure, device)
         predicted = estimate.step(args.measure, bool(args.grad_checkpointing)) - estimate.weights
         result["validation"] = {"micro_batch": args.measure, "grad_checkpointing": bool(args.grad_checkpointing),
                                 "measured_bytes": measured, "estimated_bytes": predicted,

@@ -8,12 +8,20 @@ size (e.g. the half-precision copies autocast makes of the frozen weights). Byte
 encoder's transformer blocks are counted apart: with gradient checkpointing a block keeps only its input,
 and its activations come back one block at a time during the backward pass.
 
-    step(micro, checkpointing) = weights + gradients + AdamW state (2 x fp32 per trainable weight)
-                                 + BACKWARD_FACTOR x (fixed activations + micro x activations per frame)
+    step(micro, checkpointing) = weights + gradients + AdamW state (2 x fp32 per trainable weight) + WORKSPACE
+                                 + cast copies + BACKWARD_FACTOR x (fixed activations + micro x activations per frame)
 
-BACKWARD_FACTOR covers what the backward pass holds beside the saved activations (their gradients, kernel
-workspaces). It was calibrated against measured peaks on the CPU (README, Training: small and full
-configurations); on a GPU the plan also keeps HEADROOM of the free memory for the allocator's fragmentation.
+Where gradients reach the encoder, the half-precision copies autocast makes of its frozen weights are saved
+for the backward pass, so the hooks count them. Where none do (an encoder under no_grad or frozen), nothing
+is saved and the hooks see nothing, yet the copies are made; the estimate then counts one half-precision
+copy of the frozen block weights ("cast copies"). That is conservative on a GPU, where the copies are
+transient; on the CPU, oneDNN's half-precision matmuls of such an encoder held more than that once the
+micro-batch grew past one frame (README, Training).
+
+BACKWARD_FACTOR covers what the backward pass holds beside the saved activations (the gradients of the
+largest ones), WORKSPACE the kernels' scratch memory; both were calibrated against the measured peak of a
+real step (`python -m training memory --measure N`; README, Training: small and full configurations on the
+CPU). On a GPU the plan also keeps HEADROOM of the free memory for the allocator's fragmentation.
 """
 from __future__ import annotations
 
@@ -28,7 +36,8 @@ from torch import nn
 log = logging.getLogger("training")
 
 GiB = 1024 ** 3
-BACKWARD_FACTOR = 1.5
+BACKWARD_FACTOR = 1.1
+WORKSPACE = GiB // 4
 HEADROOM = 0.08  # of the device's free memory, kept for fragmentation and the CUDA context's growth
 
 
@@ -43,6 +52,7 @@ class MemoryEstimate:
     per_frame_blocks: int  # of which inside the encoder's transformer blocks (0: no gradient reaches them)
     per_frame_block_inputs: int  # what checkpointing keeps instead: every block's input, per frame
     blocks: int
+    cast_copies: int = 0  # half-precision copies of frozen encoder weights that no saved tensor shows
 
     @property
     def can_checkpoint(self) -> bool:
@@ -57,7 +67,7 @@ class MemoryEstimate:
         return self.fixed_activations + micro_batch * per_frame
 
     def step(self, micro_batch: int, checkpointing: bool = False) -> int:
-        return int(self.weights + self.training_state
+        return int(self.weights + self.training_state + WORKSPACE + self.cast_copies
                    + BACKWARD_FACTOR * self.activations(micro_batch, checkpointing))
 
 
@@ -145,8 +155,10 @@ def _preserved(model: nn.Module):
                     b.copy_(buffers[name])
 
 
-def estimate_step_memory(model: nn.Module, step: Callable[[int], torch.Tensor]) -> MemoryEstimate:
-    """Measure `step(batch) -> loss` (forward + loss of `batch` frames, under the training autocast)."""
+def estimate_step_memory(model: nn.Module, step: Callable[[int], torch.Tensor],
+                         half_precision: bool = False) -> MemoryEstimate:
+    """Measure `step(batch) -> loss` (forward + loss of `batch` frames, under the training autocast;
+    `half_precision`: that autocast is to bf16 or fp16)."""
     trainable = [p for p in model.parameters() if p.requires_grad]
     weights = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
     training_state = sum(p.numel() for p in trainable) * 4 * 3  # gradient + two AdamW moments, fp32
@@ -155,9 +167,15 @@ def estimate_step_memory(model: nn.Module, step: Callable[[int], torch.Tensor]) 
         one, one_blocks, one_inputs = _saved_bytes(model, step, 1)
         two, two_blocks, two_inputs = _saved_bytes(model, step, 2)
     per_frame = max(two - one, 0)
+    per_frame_blocks = max(two_blocks - one_blocks, 0)
+    cast_copies = 0
+    if half_precision and blocks and per_frame_blocks == 0:
+        cast_copies = sum(p.numel() * 2 for block in blocks for p in block.parameters()
+                          if not p.requires_grad and p.is_floating_point())
     return MemoryEstimate(weights=weights, training_state=training_state, fixed_activations=max(one - per_frame, 0),
-                          per_frame=per_frame, per_frame_blocks=max(two_blocks - one_blocks, 0),
-                          per_frame_block_inputs=max(two_inputs - one_inputs, 0), blocks=len(blocks))
+                          per_frame=per_frame, per_frame_blocks=per_frame_blocks,
+                          per_frame_block_inputs=max(two_inputs - one_inputs, 0), blocks=len(blocks),
+                          cast_copies=cast_copies)
 
 
 def _divisors(n: int) -> Iterable[int]:

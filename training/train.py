@@ -275,7 +275,8 @@ def make_step(view: TrainView, loss: SegLoss, sample: tuple[torch.Tensor, ...], 
 def measure_step(view: TrainView, loss: SegLoss, sample: tuple[torch.Tensor, ...], device: torch.device,
                  precision: str, channels_last: bool = True) -> MemoryEstimate:
     """training.memory's estimate of a training step of `view` + `loss`, measured on copies of `sample`."""
-    return estimate_step_memory(view.model, make_step(view, loss, sample, device, precision, channels_last))
+    return estimate_step_memory(view.model, make_step(view, loss, sample, device, precision, channels_last),
+                                half_precision=precision in ("bf16", "fp16"))
 
 
 # ------------------------------------------------------------------------------------------ training
