@@ -42,9 +42,15 @@ class ModelConfig:
     embed_dim: int = 768  # CLIP joint embedding size (the projection is kept only for checkpoint fidelity)
     # 1-based indices of the transformer blocks whose tokens feed the decoder (paper: 6, 8, 12, 24 of 24).
     skip_layers: tuple[int, ...] = (6, 8, 12, 24)
+    # Mask decoder: "unetr" (ours: 3x3 convolutions, InstanceNorm), "separable" (the published FetalCLIPSEG
+    # decoder: depthwise-separable blocks, BatchNorm) or "none" (a frame classifier without a mask).
+    decoder: str = "unetr"
     decoder_filters: int = 32
     mask_classes: int = 2  # background, abdomen
-    frame_classes: int = 3  # none, suboptimal, optimal
+    # Frame head on the image embedding: "norm-linear" (LayerNorm + linear) or "linear" (the published
+    # FetalCLIPCLS head). 3 classes (none, suboptimal, optimal; softmax) or 1 (abdomen present; sigmoid).
+    frame_head: str = "norm-linear"
+    frame_classes: int = 3
     lora_rank: int = 8
     lora_alpha: int = 16
     lora_dropout: float = 0.1

@@ -719,11 +719,16 @@ def load_predictor(weights: Path, config_overrides: dict | None = None) -> tuple
     The device is chosen first, so that `--device cuda` without a usable GPU fails before the weights are
     read; a CPU fallback while an NVIDIA GPU is visible is logged as a WARNING with its reason.
     """
-    from .model.checkpoint import load_checkpoint
+    from .model.checkpoint import CheckpointError, load_checkpoint, read_checkpoint_info
 
     choice = select_device((config_overrides or {}).get("device", "auto"))
     if choice.fallback:
         log.warning(choice.fallback)
+    declared = read_checkpoint_info(weights).config
+    if declared.decoder == "none" or declared.frame_classes != 3:
+        raise CheckpointError(f"{weights} holds a frame classifier (decoder {declared.decoder!r}, "
+                              f"{declared.frame_classes} frame class(es)); the algorithm needs a mask decoder and "
+                              "three frame classes")
     model, info = load_checkpoint(weights, device="cpu")
     config = Config(model=info.config).replace(**(config_overrides or {}))
     predictor = Predictor(model, config, choice.device, device_warning=choice.fallback)

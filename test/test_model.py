@@ -455,3 +455,124 @@ def test_full_fetalclip_checkpoint_loads_strictly_and_reports_size(tmp_path):
         out = model(x)
     assert out.mask_logits.shape == (1, 2, 224, 224) and out.frame_logits.shape == (1, 3)
     print(f"full forward, batch 1: {time.perf_counter() - start:.2f} s")
+
+
+# ---------------------------------------------------------------------------------------------- decoders, heads
+
+def published_decoder_parameters(width: int, filters: int, outputs: int) -> int:
+    """The published FetalCLIPSEG decoder's size, block by block (github.com/donglihe-hub/FetalCLIP-IQA,
+    model.py: UNETR with Conv2DBlock / Deconv2DBlock / SingleDWConv2DBlock, BatchNorm, biases)."""
+    def conv(i: int, o: int, k: int = 1, groups: int = 1) -> int:
+        return o * (i // groups) * k * k + o
+
+    def block(i: int, o: int) -> int:  # depthwise 3x3 + BN + ReLU + pointwise + BN + ReLU
+        return conv(i, i, 3, groups=i) + 2 * i + conv(i, o) + 2 * o
+
+    def up_block(i: int, o: int) -> int:  # depthwise 2x2 transposed conv, then a block
+        return conv(i, i, 2, groups=i) + block(i, o)
+
+    def upsample(i: int, o: int) -> int:  # depthwise 2x2 transposed conv + pointwise conv
+        return conv(i, i, 2, groups=i) + conv(i, o)
+
+    f, w = filters, width
+    return (block(3, f) + block(f, f)
+            + up_block(w, 8 * f) + up_block(8 * f, 4 * f) + up_block(4 * f, 2 * f)
+            + up_block(w, 8 * f) + up_block(8 * f, 4 * f)
+            + up_block(w, 8 * f)
+            + upsample(w, 8 * f)
+            + block(16 * f, 8 * f) + 2 * block(8 * f, 8 * f) + upsample(8 * f, 4 * f)
+            + block(8 * f, 4 * f) + block(4 * f, 4 * f) + upsample(4 * f, 2 * f)
+            + block(4 * f, 2 * f) + block(2 * f, 2 * f) + upsample(2 * f, f)
+            + block(2 * f, f) + block(f, f) + conv(f, outputs))
+
+
+@pytest.mark.parametrize("width, filters", [(1024, 32), (128, 16)])
+def test_separable_decoder_has_the_published_size(width, filters):
+    from algorithm.model.decoder import SeparableUNETRDecoder
+
+    for outputs in (1, 2):
+        decoder = SeparableUNETRDecoder(width, outputs, filters)
+        assert sum(p.numel() for p in decoder.parameters()) == published_decoder_parameters(width, filters, outputs)
+    # the published figure for ViT-L/14, init_filters 32: about 1.6 M
+    assert 1.55e6 < published_decoder_parameters(1024, 32, 1) < 1.65e6
+
+
+def test_separable_decoder_resizes_the_token_grid_and_uses_batch_statistics():
+    from algorithm.model.decoder import SeparableUNETRDecoder
+
+    torch.manual_seed(0)
+    decoder = SeparableUNETRDecoder(SMALL.width, 2, SMALL.decoder_filters)
+    sizes = []
+    decoder.proj3.register_forward_hook(lambda m, i, o: sizes.append(tuple(i[0].shape[-2:])))
+    feats = [torch.randn(3, SMALL.width, 16, 16) for _ in range(4)]
+    out = decoder(images(3), feats)
+    assert out.shape == (3, 2, 224, 224) and sizes == [(14, 14)]  # 16 x 16 tokens -> 14 x 14, as published
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in decoder.modules())
+    before = decoder.stage1[0][1].running_mean.clone()
+    decoder(images(3), feats)
+    assert not torch.equal(before, decoder.stage1[0][1].running_mean)  # training mode updates the statistics
+
+
+@pytest.mark.parametrize("changes", [dict(decoder="separable"),
+                                     dict(decoder="none", frame_head="linear", frame_classes=1, use_lora=False)],
+                         ids=["separable", "classifier"])
+def test_new_architectures_round_trip_through_our_checkpoint(tmp_path, changes):
+    torch.manual_seed(0)
+    config = dataclasses.replace(SMALL, **changes)
+    model = build_model(config).train()
+    model(images(2))  # move BatchNorm statistics away from their initial values
+    model.eval()
+    path = save_checkpoint(tmp_path / "m.safetensors", model, config, provenance="test")
+    loaded, info = load_checkpoint(path)
+    assert info.config == config
+    x = images(2)
+    with torch.no_grad():
+        a, b = model(x), loaded(x)
+    assert torch.equal(a.frame_logits, b.frame_logits) and a.frame_logits.shape == (2, config.frame_classes)
+    if config.decoder == "none":
+        assert a.mask_logits is None and b.mask_logits is None and loaded.decoder is None
+    else:
+        assert torch.equal(a.mask_logits, b.mask_logits)
+
+
+def test_checkpoints_written_before_the_decoder_options_keep_their_meaning(tmp_path, small_model):
+    """A model_config without `decoder` / `frame_head` (every checkpoint so far) is our UNETR and norm-linear head."""
+    path = save_checkpoint(tmp_path / "new.safetensors", small_model, SMALL, provenance="test")
+    with safe_open(str(path), framework="pt") as fh:
+        meta = fh.metadata()
+    config = json.loads(meta["model_config"])
+    del config["decoder"], config["frame_head"]
+    old = tmp_path / "old.safetensors"
+    save_file({k: v.contiguous() for k, v in small_model.state_dict().items()}, str(old),
+              metadata={**meta, "model_config": json.dumps(config)})
+    loaded, info = load_checkpoint(old)
+    assert info.config == SMALL and info.config.decoder == "unetr" and info.config.frame_head == "norm-linear"
+    x = images(1)
+    with torch.no_grad():
+        assert torch.equal(loaded(x).mask_logits, small_model(x).mask_logits)
+
+
+def test_bundled_demo_weights_load_as_our_decoder():
+    from algorithm.weights import BUNDLED
+
+    model, info = load_checkpoint(BUNDLED / "fetalclipseg_small_replica.safetensors")
+    assert info.config.decoder == "unetr" and info.config.frame_head == "norm-linear"
+    assert type(model.decoder).__name__ == "UNETRDecoder" and len(model.frame_head) == 2
+
+
+def test_inert_parameters_are_those_without_gradient():
+    """effective_parameters' rule (no_grad encoder, LoRA on a plain MultiheadAttention's out_proj) against
+    what a backward pass actually reaches."""
+    from algorithm.model.fetalclipseg import effective_parameters, inert_parameter_names
+
+    for changes in (dict(), dict(lora_targets=("c_fc", "c_proj", "out_proj")),
+                    dict(lora_targets=("c_fc", "c_proj", "out_proj"), encoder_no_grad=True, decoder="separable")):
+        torch.manual_seed(0)
+        model = build_model(dataclasses.replace(SMALL, lora_dropout=0.0, **changes)).train()
+        randomise_lora(model)  # B != 0, so A gets gradient too wherever the adapter is used
+        out = model(images(2))
+        (out.mask_logits.float().mean() + out.frame_logits.mean()).backward()
+        reached = {n for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
+        flagged = {n for n, p in model.named_parameters() if p.requires_grad}
+        assert flagged - reached == inert_parameter_names(model), changes
+        assert effective_parameters(model) == sum(p.numel() for n, p in model.named_parameters() if n in reached)

@@ -21,7 +21,9 @@ from training.augment import AugmentConfig, FrameAugment
 from training.dataset import FrameDataset, SplitArrays, frame_labels, read_manifest
 from training.losses import class_weights
 from training.prepare import prepare, read_circumferences, split_by_subject
-from training.train import EpochSampler, MixedBatches, Trainer, TrainConfig, model_config_for, train
+from training.modes import model_config_for
+from training.sampling import EpochSampler, MixedBatches
+from training.train import Trainer, TrainConfig, train
 
 REPO = Path(__file__).resolve().parents[1]
 FRAMES_PER_SWEEP = 12
@@ -254,12 +256,22 @@ def test_class_weights_from_counts():
 
 # ------------------------------------------------------------------------------------------ training
 
-def test_modes_build_the_published_and_fixed_models(prepared, tmp_path):
-    paper = model_config_for(small_config(prepared, tmp_path, mode="paper", train_encoder=False))
+def test_modes_build_the_published_and_fixed_models():
+    paper = model_config_for("paper", "small")
     assert paper.lora_targets == ("c_fc", "c_proj", "out_proj") and paper.encoder_no_grad and paper.use_lora
-    fixed = model_config_for(small_config(prepared, tmp_path, mode="fixed", train_encoder=False))
+    assert paper.decoder == "separable" and paper.frame_classes == 3
+    fixed = model_config_for("fixed", "small")
     assert fixed.lora_targets == ("c_fc", "c_proj", "attn") and not fixed.encoder_no_grad
-    assert not model_config_for(small_config(prepared, tmp_path, mode="fixed")).use_lora  # --train-encoder
+    assert not model_config_for("fixed", "small", train_encoder=True).use_lora  # --train-encoder
+    cls = model_config_for("paper-cls", "small")
+    assert cls.decoder == "none" and cls.frame_head == "linear" and cls.frame_classes == 1 and cls.use_lora
+    assert cls.lora_targets == paper.lora_targets and not cls.encoder_no_grad
+    probe = model_config_for("probe", "small")
+    assert probe == dataclasses.replace(cls, use_lora=False, encoder_no_grad=True, lora_targets=probe.lora_targets)
+    assert model_config_for("cls", "small") == probe  # the probe's former name
+    assert model_config_for("fixed", "small", lora_rank=4).lora_alpha == 8  # alpha 2 x rank by default
+    with pytest.raises(ValueError, match="applies to mode fixed"):
+        model_config_for("paper", "small", train_encoder=True)
 
 
 def _lora_snapshot(trainer: Trainer) -> dict[str, torch.Tensor]:
@@ -349,7 +361,7 @@ def test_init_starts_from_saved_weights_and_rejects_another_architecture(prepare
 def test_train_export_run_algorithm_and_score(replica, prepared, tmp_path):
     """The chain: train a few steps -> algorithm's checkpoint -> python -m algorithm on a case -> score."""
     from algorithm.model.checkpoint import load_checkpoint
-    from training.__main__ import cli_case_folder
+    from training.recipes import cli_case_folder
     from training.evaluate import evaluate
     from training.evaluate_frames import evaluate_weights
 

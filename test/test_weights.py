@@ -169,6 +169,8 @@ def rewritten(source: Path, target: Path, tensors=None, config=None, **metadata:
     ("heads_zero", "heads='0'"),
     ("skip_layers", "skip_layers"),
     ("frame_classes", "frame_classes"),
+    ("decoder_name", "decoder='transformer'"),
+    ("classifier", "frame classifier"),
     ("dropout_nan", "lora_dropout"),
     ("config_not_object", "JSON object"),
     ("nested_extra", "invalid metadata"),
@@ -195,6 +197,10 @@ def test_checkpoint_that_cannot_be_trusted_is_exit_3(case, tmp_path, random_weig
         rewritten(random_weights, path, config={"skip_layers": [4, 3, 2, 1]})
     elif damage == "frame_classes":
         rewritten(random_weights, path, config={"frame_classes": 5})
+    elif damage == "decoder_name":
+        rewritten(random_weights, path, config={"decoder": "transformer"})
+    elif damage == "classifier":  # what training's paper-cls / probe modes save: valid, but cannot select a frame
+        rewritten(random_weights, path, config={"decoder": "none", "frame_classes": 1, "frame_head": "linear"})
     elif damage == "dropout_nan":
         with safe_open(str(random_weights), framework="pt") as fh:
             text = fh.metadata()["model_config"].replace('"lora_dropout": 0.1', '"lora_dropout": NaN')
@@ -268,8 +274,6 @@ def test_the_inference_package_never_unpickles():
     assert calls and all(safe for _, _, safe in calls), calls
 
 
-@pytest.mark.xfail(strict=True, reason="training/train.py still loads its .pt checkpoints with weights_only=False; "
-                                       "issue 15 rewrites them (flip this mark when that is merged)")
 def test_nothing_in_the_repository_unpickles():
     unsafe = [(str(path), line) for path, line, safe in _torch_load_calls(REPO) if not safe]
     assert unsafe == []

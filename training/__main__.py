@@ -3,358 +3,150 @@
     python -m training prepare ...            -> training.prepare
     python -m training train ...              -> training.train (also under torchrun)
     python -m training evaluate-frames ...    -> training.evaluate_frames
-    python -m training reproduce --data DIR --out DIR [--config full --fetalclip PATH]
+    python -m training threshold-sweep ...    -> training.threshold_sweep
+    python -m training reproduce --data DIR --out DIR [--config full --fetalclip PATH]   (also under torchrun)
+    python -m training params [--config full] [--json FILE]
+    python -m training memory [--config full --mode fixed --batch-size 32 --precision fp16 --budget-gib 15]
     python -m training demo-weights [--out algorithm/weights/fetalclipseg_small_replica.safetensors]
 
-`reproduce` chains prepare -> train (modes fixed, paper, cls) -> the paper's frame-level table on the test
-split -> the algorithm on every whole test case -> the challenge score (training.evaluate) -> one Markdown
-report with the paper's figures beside ours.
-
-`demo-weights` makes the bundled CPU demo weights: a replica dataset, prepared, the small configuration
-trained from scratch on the CPU (all encoder weights trainable), saved as a checkpoint with the provenance
-"replica-trained demo weights, not for clinical use". `--check` then runs `python -m algorithm` on fresh
-replica cases (seed 424242, never used for training) and scores them with `python -m training.evaluate`.
-
-The demo budget (2 shared CPU cores): a training step costs ~0.3 CPU-s per frame, almost all of it the
-decoder's convolutions at 224 px, so the recipe spends decoder passes where they teach most:
-* 60 cases of 48 frames per sweep (not 140): the same number of annotated runs per case, 3x fewer
-  near-duplicate frames to generate, store and read; more cases = more abdomen shapes and backgrounds;
-* all sweeps prepared (`--all-sweeps`), so negatives include the skulls, bones and lift-off frames of the
-  sweeps without an abdomen, which a whole-case run must reject;
-* per epoch every positive frame, 0.75 decoded negatives per positive, and 4 head-only negatives per
-  positive (encoder + frame head, no decoder: ~1/6 of the cost), see `training.train.MixedBatches`;
-* batch 8, AdamW 1e-3 with 50 warm-up steps (a from-scratch network, not LoRA on a pretrained one),
-  Dice + cross-entropy for the mask, bf16 autocast where the CPU has bf16 units, one torch thread, NHWC;
-* 42 epochs, the one with the lowest validation loss kept (validation: 160 frames, positives first). The
-  frame head of a from-scratch encoder is the slow learner: its validation cross-entropy stays at chance
-  (~1.05) for the first ~12 epochs, while the mask is already usable, and only then falls.
-* optionally (`--mine-epochs N`, off by default) N more epochs of hard-negative mining (training.mining)
-  from the best of those weights, AdamW 3e-4, half of every negative draw taken from the negatives the
-  frame head still calls abdomen, again keeping the epoch with the lowest validation loss. Tried for the
-  30-epoch weights with N = 10 and not adopted: the acceptance cases (seed 424242) went from 0.673 to
-  0.975, but 16 other replica cases went from 0.818 to 0.713 (README, Training).
+`reproduce` and `demo-weights` are in training.recipes; `params` prints every mode's trainable parameters
+(and those that can actually change) beside the paper's; `memory` measures a training step of a mode and
+prints the set-up (gradient checkpointing, accumulation) that fits a memory budget, e.g. a T4's.
 """
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import logging
-import os
-import shutil
-import subprocess
 import sys
-import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
-from training import layout
+from training.recipes import DEMO_WEIGHTS, REPO
 
 log = logging.getLogger("training")
 
-REPO = Path(__file__).resolve().parents[1]
-DEMO_WEIGHTS = REPO / "algorithm" / "weights" / "fetalclipseg_small_replica.safetensors"
-DEMO_PROVENANCE = "replica-trained demo weights, not for clinical use"
-CHECK_SEED = 424242  # the acceptance cases; never a training seed
-MAX_DEMO_BYTES = 20 * 1024 * 1024
-SEGMENTING_MODES = ("fixed", "paper")
+DELEGATED = {"prepare": "training.prepare", "train": "training.train", "evaluate-frames": "training.evaluate_frames",
+             "threshold-sweep": "training.threshold_sweep"}
 
 
-# ------------------------------------------------------------------------------------------ whole cases
+def params(args: argparse.Namespace) -> int:
+    from training.modes import FETALCLIP_MODES, count_parameters, parameters_table
 
-def predict_cases(weights: Path, data: Path, uuids: Sequence[str], out: Path, device: str = "auto",
-                  overrides: dict[str, Any] | None = None, progress: bool = True) -> dict[str, Any]:
-    """The algorithm on whole cases of a release-layout folder, in process (one model load), written in the
-    grand-challenge output layout: out/<uuid>/{images/fetal-abdomen-segmentation/output.mha, frame json}."""
-    from tqdm import tqdm
-
-    from algorithm.contract import read_stack, write_outputs
-    from algorithm.inference import load_predictor
-
-    predictor, checkpoint = load_predictor(weights, {"device": device, **(overrides or {})})
-    timings = {}
-    for uuid in tqdm(uuids, desc="test cases", unit="case", disable=not progress):
-        started = time.perf_counter()
-        stack = read_stack(layout.image_path(data, uuid))
-        result = predictor.predict(stack.array)
-        write_outputs(out / uuid, stack, result.frame, result.mask)
-        (out / uuid / "result.json").write_text(json.dumps(result.summary(), indent=2) + "\n")
-        timings[uuid] = round(time.perf_counter() - started, 1)
-    return {"checkpoint": checkpoint, "seconds_per_case": timings}
-
-
-def ground_truth_view(data: Path, uuids: Sequence[str], folder: Path) -> Path:
-    """A release-layout folder holding only `uuids` (symlinks, filtered CSV): training.evaluate scores every
-    case it finds, so the test split needs a folder of its own."""
-    if folder.exists():
-        shutil.rmtree(folder)
-    for sub, path_of in ((layout.IMAGES_DIR, layout.image_path), (layout.MASKS_DIR, layout.mask_path)):
-        (folder / sub).mkdir(parents=True, exist_ok=True)
-        for uuid in uuids:
-            source = path_of(data, uuid)
-            if source.is_file():
-                os.symlink(source.resolve(), folder / sub / source.name)
-    source_csv = data / layout.CIRCUMFERENCES_CSV
-    if source_csv.is_file():
-        (folder / layout.CIRCUMFERENCES_CSV).parent.mkdir(parents=True, exist_ok=True)
-        with source_csv.open(newline="") as src, (folder / layout.CIRCUMFERENCES_CSV).open("w", newline="") as dst:
-            reader = csv.DictReader(src)
-            writer = csv.DictWriter(dst, fieldnames=reader.fieldnames, lineterminator="\n")
-            writer.writeheader()
-            writer.writerows(row for row in reader if row["uuid"] in set(uuids))
-    return folder
-
-
-def challenge_score(weights: Path, data: Path, uuids: Sequence[str], out: Path, device: str = "auto",
-                    overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Predict whole cases and score them with training.evaluate; returns its report (+ timings)."""
-    from training.evaluate import evaluate
-
-    predictions = out / "predictions"
-    run = predict_cases(weights, data, uuids, predictions, device, overrides)
-    report = evaluate(predictions, ground_truth_view(data, uuids, out / "ground_truth"))
-    report["inference"] = run
-    (out / "challenge.json").write_text(json.dumps(report, indent=2) + "\n")
-    return report
-
-
-# ------------------------------------------------------------------------------------------ reproduce
-
-def _fmt(value: Any) -> str:
-    return "–" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
-
-
-def challenge_table(rows: dict[str, dict[str, Any]]) -> str:
-    lines = ["| model | score | WFSS | DSC_soft | NAE_AC | HD (mm) | cases |", "|---|---|---|---|---|---|---|"]
-    for name, agg in rows.items():
-        lines.append(f"| {name} | {_fmt(agg.get('score'))} | {_fmt(agg.get('wfss'))} | {_fmt(agg.get('dsc_soft'))} "
-                     f"| {_fmt(agg.get('nae_ac'))} | {_fmt(agg.get('hd'))} | {agg.get('n_cases', '–')} |")
-    return "\n".join(lines) + "\n"
-
-
-def reproduce(args: argparse.Namespace) -> int:
-    from training.dataset import MANIFEST, read_manifest
-    from training.evaluate_frames import markdown_table, table_rows
-    from training.prepare import describe, prepare
-    from training.train import CHECKPOINT_NAME, TrainConfig, summarise, train
-
-    out: Path = args.out
-    out.mkdir(parents=True, exist_ok=True)
-    prepared = args.prepared or out / "prepared"
-    if (prepared / MANIFEST).is_file() and read_manifest(prepared).get("seed") == args.seed:
-        log.info("reusing prepared data in %s", prepared)
-    else:
-        prepare(args.data, prepared, seed=args.seed, all_sweeps=args.all_sweeps, replica=args.replica)
-    manifest = read_manifest(prepared)
-    log.info("splits:\n%s", describe(manifest))
-
-    train_encoder = args.train_encoder or (args.config == "small" and args.fetalclip is None)
-    frame_rows: dict[str, dict[str, Any]] = {}
-    challenge_rows: dict[str, dict[str, Any]] = {}
-    results: dict[str, Any] = {"data": str(args.data), "prepared": str(prepared), "modes": {}}
-    for mode in args.modes:
-        # --train-encoder replaces LoRA in our mode only: `paper` is the published model as published
-        # (LoRA, no_grad encoder) and `cls` is a head on the frozen encoder, whatever the encoder's start.
-        cfg = TrainConfig(prepared=prepared, out=out / mode, mode=mode, config=args.config,
-                          fetalclip=args.fetalclip, train_encoder=train_encoder and mode == "fixed",
-                          epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, device=args.device,
-                          precision=args.precision, seed=args.seed, trials=args.trials, resume=args.resume,
-                          max_steps=args.max_steps, negatives_per_positive=args.negatives_per_positive,
-                          head_negatives_per_positive=args.head_negatives_per_positive,
-                          mask_ce_weight=args.mask_ce_weight, val_max_frames=args.val_max_frames,
-                          workers=args.workers)
-        summary = train(cfg)
-        trials = summary["trials"]
-        label = {"fixed": "FetalCLIPSEG (ours, fixed)", "paper": "FetalCLIPSEG (published code)",
-                 "cls": "FetalCLIPCLS (ours)"}[mode]
-        if len(trials) == 1:
-            frame_rows.update(table_rows(label, trials[0]["test"]))
-        else:
-            stats = summarise(trials)
-            for rule, name in (("mask_rule", "mask >= 1 %"), ("head", "frame head")):
-                if rule in stats:
-                    frame_rows[f"{label}: {name}"] = {k: f"{v['mean']:.3f} ± {v['std']:.3f}"
-                                                      for k, v in stats[rule].items()}
-                    frame_rows[f"{label}: {name}"]["trainable_parameters"] = trials[0]["trainable_parameters"]
-        results["modes"][mode] = {"checkpoint": summary["checkpoint"], "test_mean_std": summary["test_mean_std"]}
-        if mode in SEGMENTING_MODES and not args.skip_cases:
-            report = challenge_score(out / mode / CHECKPOINT_NAME, args.data, manifest["splits"]["test"],
-                                     out / mode / "challenge", args.device)
-            challenge_rows[label] = report["aggregate"]
-            results["modes"][mode]["challenge"] = report["aggregate"]
-
-    text = [f"# FetalCLIPSEG reproduction ({args.config} configuration)\n",
-            f"Data: `{args.data}` ({'replica, not for clinical use' if manifest.get('replica') else 'release'}); "
-            f"split by subject, seed {manifest['seed']}: " +
-            ", ".join(f"{s} {c['cases']} cases / {c['frames']} frames" for s, c in manifest["counts"].items()) + ".\n",
-            f"Training: {args.epochs} epoch(s), batch {args.batch_size}, AdamW {args.lr:g}, {args.trials} trial(s); "
-            f"encoder {'from FetalCLIP weights' if args.fetalclip else 'randomly initialised'}.\n",
-            "## Frame level (test split; positive = annotated frame)\n",
-            markdown_table(frame_rows)]
-    if challenge_rows:
-        text += ["\n## Challenge metrics (whole test cases through `algorithm`)\n", challenge_table(challenge_rows)]
-    (out / "report.md").write_text("\n".join(text))
-    (out / "reproduce.json").write_text(json.dumps(results, indent=2) + "\n")
-    print("\n".join(text))
-    print(f"report: {out / 'report.md'}")
+    counts = count_parameters(args.config, tuple(args.modes or FETALCLIP_MODES), args.lora_rank, args.lora_alpha)
+    print(parameters_table(counts))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"config": args.config, "modes": counts}, indent=2) + "\n")
     return 0
 
 
-# ------------------------------------------------------------------------------------------ demo weights
-
-def cli_case_folder(data: Path, uuid: str, folder: Path) -> Path:
-    """A grand-challenge /input folder for one release case (note the dash: stacked-fetal-ultrasound)."""
-    from algorithm.contract import INPUT_FOLDER
-
-    target = folder / INPUT_FOLDER
-    target.mkdir(parents=True, exist_ok=True)
-    link = target / f"{uuid}.mha"
-    if not link.exists():
-        os.symlink(layout.image_path(data, uuid).resolve(), link)
-    return folder
-
-
-def check_weights(weights: Path, work: Path, cases: int = 4, seed: int = CHECK_SEED,
-                  frames_per_sweep: int = 140, device: str = "cpu", threads: int | None = None) -> dict[str, Any]:
-    """The acceptance check: replica cases (seed 424242), `python -m algorithm` on each through its CLI,
-    then `python -m training.evaluate`. Returns the evaluation report."""
-    from training.evaluate import evaluate
-    from training.phantom import write_dataset
-
-    data = work / f"check_{seed}"
-    if not (data / layout.CIRCUMFERENCES_CSV).is_file():
-        write_dataset(data, cases, frames_per_sweep, seed)
-    uuids = layout.list_case_ids(data)
-    predictions = work / "check_predictions"
-    env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
-    timings = {}
-    for uuid in uuids:
-        case = cli_case_folder(data, uuid, work / "check_inputs" / uuid)
-        started = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "algorithm", "--input", str(case), "--output", str(predictions / uuid),
-                        "--weights", str(weights), "--device", device], check=True, cwd=REPO, env=env)
-        timings[uuid] = round(time.perf_counter() - started, 1)
-    report = evaluate(predictions, data)
-    report["seconds_per_case"] = timings
-    (work / "check.json").write_text(json.dumps(report, indent=2) + "\n")
-    return report
-
-
-def demo_weights(args: argparse.Namespace) -> int:
-    import dataclasses
-
+def memory(args: argparse.Namespace) -> int:
+    """Build a mode (random weights), measure its step and plan it for a budget."""
     import torch
 
-    from algorithm.model.checkpoint import load_checkpoint, save_checkpoint
-    from training.phantom import write_dataset
-    from training.prepare import describe, prepare
-    from training.train import CHECKPOINT_NAME, TrainConfig, train
+    from algorithm.runtime import choose_precision
+    from training.losses import SegLoss, class_weights
+    from training.memory import GiB, device_budget, measure_step_peak, plan_memory
+    from training.modes import SPECS, build_training_model, canonical_mode
+    from training.train import TrainView, make_step, measure_step
 
-    if args.seed == CHECK_SEED:
-        raise SystemExit(f"--seed {CHECK_SEED} makes the acceptance cases; train on another seed")
-    work: Path = args.work
-    work.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    data = work / "replica"
-    if not (data / layout.CIRCUMFERENCES_CSV).is_file():
-        write_dataset(data, args.cases, args.frames_per_sweep, args.seed)
-    prepared = work / "prepared"
-    if not (prepared / "manifest.json").is_file():
-        prepare(data, prepared, seed=args.seed, all_sweeps=True, fractions=args.fractions, replica=True)
-    manifest = json.loads((prepared / "manifest.json").read_text())
-    log.info("demo data:\n%s", describe(manifest))
-    data_seconds = time.perf_counter() - started
-
-    precision = args.precision
-    if precision == "auto":  # bf16 autocast halves the CPU time where the CPU has bf16 units (AMX/AVX512-BF16)
-        precision = "bf16" if torch.cpu._is_avx512_bf16_supported() else "fp32"
-    cfg = TrainConfig(prepared=prepared, out=work / "train", mode="fixed", config="small", train_encoder=True,
-                      epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, device="cpu", precision=precision,
-                      seed=args.seed, resume=args.resume, negatives_per_positive=args.negatives_per_positive,
-                      mask_ce_weight=1.0, val_max_frames=args.val_max_frames, replica=True,
-                      max_steps=args.max_steps, warmup_steps=args.warmup_steps,
-                      head_negatives_per_positive=args.head_negatives_per_positive, threads=args.threads)
-    summary = train(cfg)
-    final = work / "train" / CHECKPOINT_NAME
-    epochs = f"{summary['trials'][0]['epochs_trained']} epochs"
-    if args.mine_epochs:
-        # Stage 2: fine-tune the stage-1 weights with hard-negative mining (training.mining), with a fresh
-        # optimiser and its own best epoch by validation loss.
-        mined = dataclasses.replace(cfg, out=work / "mine", init=final, epochs=args.mine_epochs, lr=args.mine_lr,
-                                    hard_negatives=args.hard_negatives, hard_negatives_from=0)
-        summary = train(mined)
-        final = work / "mine" / CHECKPOINT_NAME
-        epochs += (f" + {summary['trials'][0]['epochs_trained']} epochs of hard-negative mining "
-                   f"({args.hard_negatives:g} of the negatives, lr {args.mine_lr:g})")
-    train_seconds = time.perf_counter() - started - data_seconds
-
-    # Re-save with the demo provenance (and fp16 only if fp32 would not fit the size limit).
-    model, info = load_checkpoint(final, device="cpu")
-    provenance = (f"{DEMO_PROVENANCE}: FetalCLIPSEG small configuration, encoder trained from scratch, "
-                  f"{args.cases} replica cases (seed {args.seed}, {args.frames_per_sweep} frames per sweep), "
-                  f"{epochs} on CPU; `python -m training demo-weights`")
-    extra = dict(info.extra, demo_command=" ".join(["python -m training demo-weights"] + (args.argv or [])),
-                 data_seconds=round(data_seconds, 1), train_seconds=round(train_seconds, 1))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    save_checkpoint(args.out, model, model.config, provenance, extra=extra)
-    size = args.out.stat().st_size
-    if size > MAX_DEMO_BYTES:
-        model = model.half()
-        save_checkpoint(args.out, model, dataclasses.replace(model.config), provenance,
-                        extra={**extra, "dtype": "float16"})
-        size = args.out.stat().st_size
-    log.info("demo weights: %s (%.1f MB), data %.0f s, training %.0f s", args.out, size / 2**20, data_seconds,
-             train_seconds)
-    if size > MAX_DEMO_BYTES:
-        raise SystemExit(f"{args.out} is {size / 2**20:.1f} MB, over the 20 MB limit")
-    result = {"weights": str(args.out), "bytes": size, "data_seconds": round(data_seconds, 1),
-              "train_seconds": round(train_seconds, 1), "test_frame_metrics": summary["trials"][0].get("test")}
-    if args.check:
-        report = check_weights(args.out, work, args.check_cases, CHECK_SEED, device="cpu", threads=args.threads)
-        result["check"] = report["aggregate"]
-        log.info("check on %d replica cases (seed %d): score %.3f", args.check_cases, CHECK_SEED,
-                 report["aggregate"]["score"])
-    (work / "demo_weights.json").write_text(json.dumps(result, indent=2) + "\n")
+    mode = canonical_mode(args.mode)
+    device = torch.device(args.device)
+    # fp16 on the CPU (planning for a GPU without native bf16 from a machine without one): autocast to bf16
+    # instead, which keeps the same two bytes per activation
+    precision = "bf16" if device.type == "cpu" and args.precision == "fp16" else choose_precision(args.precision, device)
+    torch.manual_seed(0)
+    model = build_training_model(mode, args.config, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
+                                 decoder=args.decoder, backbone=args.backbone, pretrained=None).to(device)
+    model.to(memory_format=torch.channels_last)
+    spec = SPECS[mode]
+    loss = SegLoss(class_weights([8, 1, 1]), use_mask=spec.segments, mask_loss=spec.mask_loss or "dice").to(device)
+    yy, xx = torch.meshgrid(torch.arange(224), torch.arange(224), indexing="ij")
+    sample = (torch.randn(3, 224, 224), (((yy - 112) / 60.0) ** 2 + ((xx - 112) / 45.0) ** 2 < 1).long(),
+              torch.tensor(2))
+    view = TrainView(model)
+    measured = None
+    if args.measure:
+        # the real step first, on a fresh process: the CPU allocator keeps what the estimate's passes free,
+        # which would hide part of the step's peak
+        if args.grad_checkpointing:
+            model.set_grad_checkpointing(True)
+        measured = measure_step_peak(model, make_step(view, loss, sample, device, precision), args.measure, device)
+        model.set_grad_checkpointing(False)
+    estimate = measure_step(view, loss, sample, device, precision)
+    budget = device_budget(device, args.budget_gib)
+    plan = plan_memory(estimate, args.batch_size, budget, args.grad_checkpointing, args.accumulate)
+    result = {"config": args.config, "mode": mode, "batch_size": args.batch_size, "precision": args.precision,
+              "measured_with": f"{precision} autocast on {device}", "estimate": estimate.__dict__,
+              "plan": plan.to_dict(),
+              "steps_gib": {f"micro {m}, checkpointing {c}": round(estimate.step(m, c) / GiB, 2)
+                            for m in (1, args.batch_size) for c in (False, True) if c is False or estimate.can_checkpoint}}
+    if measured is not None:
+        # one real step (forward, backward, AdamW) against the estimate of the same step, weights excluded
+        predicted = estimate.step(args.measure, bool(args.grad_checkpointing)) - estimate.weights
+        result["validation"] = {"micro_batch": args.measure, "grad_checkpointing": bool(args.grad_checkpointing),
+                                "measured_bytes": measured, "estimated_bytes": predicted,
+                                "estimated_over_measured": round(predicted / max(measured, 1), 3)}
     print(json.dumps(result, indent=2))
-    return 0
+    print(plan.describe())
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return 0 if plan.fits else 1
 
-
-# ------------------------------------------------------------------------------------------ CLI
 
 def build_parser() -> argparse.ArgumentParser:
+    from training.modes import FETALCLIP_MODES, MODES
+    from training.train import add_recipe_arguments
+
     parser = argparse.ArgumentParser(prog="python -m training", description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    for name in ("prepare", "train", "evaluate-frames"):
-        sub.add_parser(name, add_help=False, help=f"see python -m training.{name.replace('-', '_')} --help")
+    for name, module in DELEGATED.items():
+        sub.add_parser(name, add_help=False, help=f"see python -m training {name} --help ({module})")
 
-    rep = sub.add_parser("reproduce", help="prepare -> train (fixed, paper, cls) -> frame table -> challenge score")
+    rep = sub.add_parser("reproduce", help="prepare -> train every mode -> frame table, threshold sweep -> "
+                                           "challenge score -> report")
     rep.add_argument("--data", type=Path, required=True, help="release-layout folder (real or replica)")
     rep.add_argument("--out", type=Path, required=True)
     rep.add_argument("--prepared", type=Path, help="reuse / write prepared data here (default OUT/prepared)")
-    rep.add_argument("--config", default="full", choices=["full", "small"])
-    rep.add_argument("--fetalclip", type=Path)
-    rep.add_argument("--modes", nargs="+", default=["fixed", "paper", "cls"], choices=["fixed", "paper", "cls"])
-    rep.add_argument("--train-encoder", action="store_true",
-                     help="(default with --config small and no --fetalclip)")
-    rep.add_argument("--epochs", type=int, default=5)
-    rep.add_argument("--batch-size", type=int, default=32)
-    rep.add_argument("--lr", type=float, default=3e-4)
-    rep.add_argument("--trials", type=int, default=1)
-    rep.add_argument("--seed", type=int, default=0)
-    rep.add_argument("--all-sweeps", action="store_true")
+    rep.add_argument("--modes", nargs="+", default=list(FETALCLIP_MODES), choices=list(FETALCLIP_MODES) + ["cls"])
+    rep.add_argument("--baselines", nargs="+", metavar="NAME",
+                     help="also train these baselines (training.baselines: densenet, swin, clip_openai, ... or "
+                          "a timm name); weights from --pretrained hub, or NAME.safetensors / NAME.pth in "
+                          "--baseline-weights")
+    rep.add_argument("--baseline-weights", type=Path, help="folder of local baseline weights, one file per name")
+    rep.add_argument("--all-sweeps", action="store_true", help="prepare every sweep, not only those with an AC")
     rep.add_argument("--replica", action=argparse.BooleanOptionalAction, default=None,
                      help="the data is the replica (default: detected)")
-    rep.add_argument("--device", default="auto")
-    rep.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
-    rep.add_argument("--workers", type=int)
-    rep.add_argument("--resume", action="store_true")
-    rep.add_argument("--max-steps", type=int)
-    rep.add_argument("--negatives-per-positive", type=float)
-    rep.add_argument("--head-negatives-per-positive", type=float)
-    rep.add_argument("--mask-ce-weight", type=float, default=0.0)
-    rep.add_argument("--val-max-frames", type=int)
     rep.add_argument("--skip-cases", action="store_true", help="no whole-case inference / challenge score")
+    add_recipe_arguments(rep)
+    rep.set_defaults(trials=5)  # the paper's five trials
+
+    par = sub.add_parser("params", help="trainable parameters of every mode beside the paper's")
+    par.add_argument("--config", default="full", choices=["full", "small"])
+    par.add_argument("--modes", nargs="+", choices=list(FETALCLIP_MODES))
+    par.add_argument("--lora-rank", type=int, default=8)
+    par.add_argument("--lora-alpha", type=int)
+    par.add_argument("--json", type=Path)
+
+    mem = sub.add_parser("memory", help="measure a training step and the set-up that fits a budget")
+    mem.add_argument("--config", default="full", choices=["full", "small"])
+    mem.add_argument("--mode", default="fixed", choices=list(MODES))
+    mem.add_argument("--backbone")
+    mem.add_argument("--decoder", choices=["unetr", "separable"])
+    mem.add_argument("--lora-rank", type=int, default=8)
+    mem.add_argument("--lora-alpha", type=int)
+    mem.add_argument("--batch-size", type=int, default=32, help="frames per step on one device")
+    mem.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
+    mem.add_argument("--device", default="cpu")
+    mem.add_argument("--budget-gib", type=float, help="memory budget (default: the GPU's free memory)")
+    mem.add_argument("--accumulate", type=int)
+    mem.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=None)
+    mem.add_argument("--measure", type=int, metavar="MICRO",
+                     help="also run one real step of MICRO frames and compare its measured peak with the estimate")
+    mem.add_argument("--json", type=Path)
 
     demo = sub.add_parser("demo-weights", help="train the bundled small replica weights on the CPU")
     demo.add_argument("--out", type=Path, default=DEMO_WEIGHTS)
@@ -388,19 +180,40 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in ("prepare", "train", "evaluate-frames"):
+    if argv and argv[0] in DELEGATED:
         import importlib
 
-        module = importlib.import_module(f"training.{argv[0].replace('-', '_')}")
-        return module.main(argv[1:])
+        return importlib.import_module(DELEGATED[argv[0]]).main(argv[1:])
+    from training.distributed import shutdown
+    from training.recipes import demo_weights, reproduce
+    from training.snapshot import SnapshotError
     from training.train import configure_logging
 
     configure_logging()
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.command == "reproduce":
-        return reproduce(args)
-    args.argv = argv[1:]
-    return demo_weights(args)
+        from algorithm.inference import resolve_device
+        from algorithm.runtime import choose_precision
+
+        try:
+            choose_precision(args.precision, resolve_device(args.device))
+        except ValueError as exc:
+            parser.error(str(exc))
+    try:
+        if args.command == "reproduce":
+            return reproduce(args)
+        if args.command == "params":
+            return params(args)
+        if args.command == "memory":
+            return memory(args)
+        args.argv = argv[1:]
+        return demo_weights(args)
+    except SnapshotError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        shutdown()
 
 
 if __name__ == "__main__":

@@ -99,15 +99,21 @@ class FrameDataset(Dataset):
     `augment(grey, mask) -> (grey, mask)` works on uint8 arrays at network size (training.augment); the
     release labels are turned into the binary abdomen mask after augmentation, so the nearest-neighbour
     warp never mixes label values.
+
+    `copies` > 0 is the paper's offline augmentation, drawn online: the dataset holds every frame once as it
+    is and `copies` more times augmented (items 0..N-1 plain, N.. augmented), so an epoch has the size and
+    the plain/augmented mix of the published x2 set. `copies` 0: every item augmented (when `augment`).
     """
 
-    def __init__(self, prepared: Path, split: str, augment: Augment | None = None):
+    def __init__(self, prepared: Path, split: str, augment: Augment | None = None, copies: int = 0):
         self.prepared = Path(prepared)
         self.split = split
         self.augment = augment
+        self.copies = copies if augment is not None else 0
         self._arrays: SplitArrays | None = None
         # Labels are small: read them now so samplers and class weights need not touch the big arrays.
-        self.labels = np.load(self.prepared / split / "labels.npy").astype(np.int64)
+        self.frame_labels = np.load(self.prepared / split / "labels.npy").astype(np.int64)
+        self.labels = np.tile(self.frame_labels, 1 + self.copies)
 
     @property
     def arrays(self) -> SplitArrays:
@@ -121,13 +127,14 @@ class FrameDataset(Dataset):
 
     def __getitem__(self, key: int | tuple[int, bool]) -> tuple[torch.Tensor, ...]:
         """Frame `key`; a key (frame, decode) (training.train.MixedBatches) adds the decode flag."""
-        i, decode = (key, None) if not isinstance(key, tuple) else key
+        k, decode = (key, None) if not isinstance(key, tuple) else key
+        i = k % len(self.frame_labels)
         grey = np.asarray(self.arrays.images[i])
         mask = np.asarray(self.arrays.masks[i])
-        if self.augment is not None:
+        if self.augment is not None and (self.copies == 0 or k >= len(self.frame_labels)):
             grey, mask = self.augment(grey, mask)
         abdomen = torch.from_numpy((mask != 0).astype(np.int64))
-        sample = (to_network_input(grey), abdomen, torch.tensor(self.labels[i], dtype=torch.int64))
+        sample = (to_network_input(grey), abdomen, torch.tensor(self.frame_labels[i], dtype=torch.int64))
         return sample if decode is None else sample + (torch.tensor(bool(decode)),)
 
     def __getstate__(self) -> dict:

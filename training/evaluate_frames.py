@@ -7,18 +7,20 @@ scored from the same forward pass:
 
 * mask rule (FetalCLIPSEG, the paper's rule): positive when the predicted abdomen (softmax >= 0.5, as at
   inference) covers at least 1 % of the 224 x 224 input (`InferenceConfig.min_mask_fraction`);
-* head (FetalCLIPCLS view): positive when the frame head's argmax is suboptimal or optimal.
+* head (FetalCLIPCLS view): positive when the frame head says abdomen: argmax suboptimal or optimal for
+  a three-class head, sigmoid >= 0.5 for a one-output head.
 
 Reported per rule: accuracy, F1, precision, recall, specificity (`training.metrics.frame_level_metrics`),
 with the trainable parameter count of the model. `FrameStats` accumulates the losses and confusion counts
-batch by batch, so a split never has to fit in memory, and sums across ranks under torch.distributed.
+batch by batch, so a split never has to fit in memory, and sums across ranks under torch.distributed; with
+`keep_frames` it also keeps every frame's mask fraction and P(abdomen) (gathered on rank 0), which the
+threshold sweep (training.threshold_sweep) reads.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -31,18 +33,18 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from algorithm.config import FRAME_NONE, InferenceConfig
+from algorithm.runtime import autocast
 from training.dataset import FrameDataset
-from training.losses import DiceSums, dice_sums
+from training.losses import DiceSums, LossWeights, dice_sums, frame_loss
 from training.metrics import frame_level_metrics
+from training.modes import SPECS
 
 # The paper's frame-level figures (He, Wang, Yaqub 2025, arXiv 2507.22802), for side-by-side tables.
 PAPER_FRAME_TABLE: dict[str, dict[str, float | None]] = {
-    "FetalCLIPCLS (paper)": {"f1": 0.757, "precision": None, "recall": None, "accuracy": None,
-                             "specificity": None},
-    "FetalCLIPSEG (paper)": {"f1": 0.771, "precision": 0.70, "recall": 0.86, "accuracy": None,
-                             "specificity": None},
-}
+    f"{spec.label.split(' (')[0]} (paper)": dict(spec.paper_metrics, paper_parameters=spec.paper_parameters)
+    for spec in SPECS.values() if spec.paper_metrics}
 METRIC_COLUMNS = ("accuracy", "f1", "precision", "recall", "specificity")
+FRAME_FIELDS = ("index", "mask_fraction", "p_abdomen", "label")
 
 
 @dataclass
@@ -53,24 +55,31 @@ class FrameStats:
     dice_i: torch.Tensor = field(default_factory=lambda: torch.zeros(2, dtype=torch.float64))
     dice_p: torch.Tensor = field(default_factory=lambda: torch.zeros(2, dtype=torch.float64))
     dice_t: torch.Tensor = field(default_factory=lambda: torch.zeros(2, dtype=torch.float64))
-    # [mask_ce_sum, frames, frame_ce_weighted_sum, frame_weight_sum]
+    # [mask_ce_sum, frames, frame_loss_weighted_sum, frame_weight_sum]
     sums: torch.Tensor = field(default_factory=lambda: torch.zeros(4, dtype=torch.float64))
     # rows: mask rule, head; columns: tp, fp, tn, fn
     confusion: torch.Tensor = field(default_factory=lambda: torch.zeros(2, 4, dtype=torch.float64))
     keep_frames: bool = False
-    per_frame: list[np.ndarray] = field(default_factory=list)  # (B, 5): fraction, p_none, p_sub, p_opt, label
+    per_frame: list[np.ndarray] = field(default_factory=list)  # (B, 3): mask fraction, P(abdomen), label
+    indices: list[int] = field(default_factory=list)  # dataset index of each kept frame, in order
 
     def add(self, mask_logits: torch.Tensor | None, frame_logits: torch.Tensor, mask: torch.Tensor,
             label: torch.Tensor, class_weights: torch.Tensor, min_fraction: float, threshold: float) -> None:
         frame_logits = frame_logits.float()
         gt = label != FRAME_NONE
-        w = class_weights.to(frame_logits.device)[label]
-        ce = F.cross_entropy(frame_logits, label, reduction="none")
-        self.sums[2] += float((w * ce).sum())
+        if frame_logits.shape[1] == 1:  # one output: abdomen plane present (FetalCLIPCLS)
+            p_abdomen = torch.sigmoid(frame_logits[:, 0])
+            loss, w = frame_loss(frame_logits, label, reduction="none"), torch.ones_like(p_abdomen)
+            head = p_abdomen >= 0.5
+        else:
+            probs = torch.softmax(frame_logits, dim=1)
+            p_abdomen = 1.0 - probs[:, FRAME_NONE]
+            w = class_weights.to(frame_logits.device)[label]
+            loss = frame_loss(frame_logits, label, reduction="none")
+            head = probs.argmax(dim=1) != FRAME_NONE
+        self.sums[2] += float((w * loss).sum())
         self.sums[3] += float(w.sum())
         self.sums[1] += len(label)
-        probs = torch.softmax(frame_logits, dim=1)
-        head = probs.argmax(dim=1) != FRAME_NONE
         self.confusion[1] += _confusion(head, gt)
         fraction = torch.full((len(label),), float("nan"), device=frame_logits.device)
         if mask_logits is not None:
@@ -83,7 +92,7 @@ class FrameStats:
             fraction = (abdomen >= threshold).float().mean(dim=(1, 2))
             self.confusion[0] += _confusion(fraction >= min_fraction, gt)
         if self.keep_frames:
-            self.per_frame.append(torch.cat([fraction[:, None], probs, label[:, None].float()], 1).cpu().numpy())
+            self.per_frame.append(torch.stack([fraction, p_abdomen, label.float()], 1).cpu().numpy())
 
     def all_reduce(self) -> None:
         """Sum every count over the ranks of the default process group (no-op without one)."""
@@ -96,17 +105,21 @@ class FrameStats:
             dist.all_reduce(reduced)
             setattr(self, name, reduced.cpu())
 
-    def losses(self, dice_weight: float = 1.0, mask_ce_weight: float = 0.0, frame_weight: float = 1.0,
-               use_mask: bool = True) -> dict[str, float]:
+    def losses(self, weights: LossWeights = LossWeights(), use_mask: bool = True, mask_loss: str = "dice",
+               select_on_mask: bool = False) -> dict[str, float]:
+        """The split's loss terms; "loss" is what picks the best epoch (the mask loss alone for the
+        published model selection, `select_on_mask`)."""
         frames = max(float(self.sums[1]), 1.0)
-        frame_ce = float(self.sums[2]) / max(float(self.sums[3]), 1e-12)
-        out = {"frame_ce": frame_ce}
-        total = frame_weight * frame_ce
+        frame = float(self.sums[2]) / max(float(self.sums[3]), 1e-12)
+        out = {"frame_ce": frame}
+        total = weights.frame * frame
         if use_mask:
-            dice = float(DiceSums(self.dice_i, self.dice_p, self.dice_t).loss())
+            sums = DiceSums(self.dice_i, self.dice_p, self.dice_t)
+            dice = float(sums.value(mask_loss))
             mask_ce = float(self.sums[0]) / frames
             out.update(dice=dice, mask_ce=mask_ce)
-            total += dice_weight * dice + mask_ce_weight * mask_ce
+            mask_total = weights.mask_dice * dice + weights.mask_ce * mask_ce
+            total = mask_total if select_on_mask else total + mask_total
         out["loss"] = total
         return out
 
@@ -117,8 +130,11 @@ class FrameStats:
         gt = np.array([True] * tp + [False] * fp + [False] * tn + [True] * fn)
         return frame_level_metrics(pred, gt)
 
-    def frames_array(self) -> np.ndarray:
-        return np.concatenate(self.per_frame) if self.per_frame else np.zeros((0, 5), np.float32)
+    def frames(self) -> dict[str, np.ndarray]:
+        """This rank's kept frames as named arrays (FRAME_FIELDS)."""
+        rows = np.concatenate(self.per_frame) if self.per_frame else np.zeros((0, 3), np.float32)
+        return {"index": np.asarray(self.indices[:len(rows)], dtype=np.int64), "mask_fraction": rows[:, 0],
+                "p_abdomen": rows[:, 1], "label": rows[:, 2].astype(np.int64)}
 
 
 def _confusion(pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
@@ -126,33 +142,39 @@ def _confusion(pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
                          float((~pred & gt).sum())], dtype=torch.float64)
 
 
-def autocast_for(device: torch.device, precision: str):
-    """bf16 autocast when asked for (or `auto` on a bf16-capable GPU); otherwise plain fp32."""
-    if precision == "fp32":
-        return nullcontext()
-    if device.type == "cuda":
-        if precision == "auto" and not torch.cuda.is_bf16_supported():
-            return torch.autocast("cuda", dtype=torch.float16)
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    if device.type == "cpu" and precision == "bf16":
-        return torch.autocast("cpu", dtype=torch.bfloat16)
-    return nullcontext()
+def merge_frames(parts: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Kept frames of several ranks -> one set in dataset order (each frame once)."""
+    merged = {key: np.concatenate([p[key] for p in parts]) for key in FRAME_FIELDS}
+    _, first = np.unique(merged["index"], return_index=True)
+    return {key: value[first] for key, value in merged.items()}
+
+
+def save_frames(frames: dict[str, np.ndarray], path: Path) -> Path:
+    """The per-frame record as .npz (named arrays; read it with np.load)."""
+    np.savez(path, **frames)
+    return path
 
 
 @torch.no_grad()
 def accumulate(forward, batches: Iterable, device: torch.device, class_weights: torch.Tensor,
-               precision: str = "auto", min_fraction: float | None = None, threshold: float | None = None,
+               precision: str = "fp32", min_fraction: float | None = None, threshold: float | None = None,
                keep_frames: bool = False, progress: bool = False, total: int | None = None,
                desc: str = "eval") -> FrameStats:
-    """Run `forward(images) -> (mask_logits or None, frame_logits)` over `batches`, summing FrameStats."""
+    """Run `forward(images) -> (mask_logits or None, frame_logits)` over `batches`, summing FrameStats.
+
+    `precision` is a resolved one (fp32 | fp16 | bf16, `algorithm.runtime.choose_precision`). A loader of
+    `frame_loader` carries its dataset indices, which kept frames record.
+    """
     defaults = InferenceConfig()
     min_fraction = defaults.min_mask_fraction if min_fraction is None else min_fraction
     threshold = defaults.mask_threshold if threshold is None else threshold
     stats = FrameStats(keep_frames=keep_frames)
+    if keep_frames:
+        stats.indices = list(getattr(batches, "frame_indices", []))
     for images, mask, label in tqdm(batches, total=total, desc=desc, unit="batch", leave=False,
                                     disable=not progress):
         images, mask, label = images.to(device), mask.to(device), label.to(device)
-        with autocast_for(device, precision):
+        with autocast(device, precision):
             mask_logits, frame_logits = forward(images)
         stats.add(mask_logits, frame_logits, mask, label, class_weights, min_fraction, threshold)
     return stats
@@ -160,11 +182,14 @@ def accumulate(forward, batches: Iterable, device: torch.device, class_weights: 
 
 def frame_loader(dataset: FrameDataset, indices: Sequence[int] | None, batch_size: int, workers: int,
                  rank: int = 0, world: int = 1) -> DataLoader:
-    """Deterministic, unaugmented batches over `indices` (all frames when None), sharded over ranks."""
+    """Deterministic, unaugmented batches over `indices` (all frames when None), sharded over ranks; the
+    loader's `frame_indices` lists the dataset index of each frame it yields, in order."""
     chosen = np.arange(len(dataset)) if indices is None else np.asarray(indices)
-    subset = Subset(dataset, chosen[rank::world].tolist())
-    return DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=workers,
-                      pin_memory=torch.cuda.is_available(), persistent_workers=False)
+    mine = chosen[rank::world].tolist()
+    loader = DataLoader(Subset(dataset, mine), batch_size=batch_size, shuffle=False, num_workers=workers,
+                        pin_memory=torch.cuda.is_available(), persistent_workers=False)
+    loader.frame_indices = mine  # type: ignore[attr-defined]
+    return loader
 
 
 def frame_report(stats: FrameStats, trainable: int, effective: int | None = None, use_mask: bool = True
@@ -190,24 +215,27 @@ def _fmt(value: Any) -> str:
 
 
 def markdown_table(rows: dict[str, dict[str, Any]], with_paper: bool = True) -> str:
-    """Rows of {accuracy, f1, precision, recall, specificity, trainable_parameters} -> a Markdown table."""
-    header = "| model | " + " | ".join(METRIC_COLUMNS) + " | trainable params |"
-    lines = [header, "|" + "---|" * (len(METRIC_COLUMNS) + 2)]
+    """Rows of {accuracy, f1, precision, recall, specificity, trainable_parameters, effective_parameters,
+    paper_parameters} -> a Markdown table (the paper's rows appended)."""
+    header = "| model | " + " | ".join(METRIC_COLUMNS) + " | trainable params | can change | paper params |"
+    lines = [header, "|" + "---|" * (len(METRIC_COLUMNS) + 4)]
     all_rows = dict(rows)
     if with_paper:
         all_rows.update({name: dict(values) for name, values in PAPER_FRAME_TABLE.items()})
     for name, values in all_rows.items():
-        cells = [_fmt(values.get(k)) for k in METRIC_COLUMNS] + [_fmt(values.get("trainable_parameters"))]
+        cells = [_fmt(values.get(k)) for k in METRIC_COLUMNS] + [
+            _fmt(values.get(k)) for k in ("trainable_parameters", "effective_parameters", "paper_parameters")]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def table_rows(name: str, report: dict[str, Any]) -> dict[str, dict[str, Any]]:
+def table_rows(name: str, report: dict[str, Any], paper_parameters: int | None = None
+               ) -> dict[str, dict[str, Any]]:
     """One model's report -> table rows (mask rule and head)."""
     rows = {}
-    trainable, effective = report.get("trainable_parameters"), report.get("effective_trainable_parameters")
-    params = {"trainable_parameters": trainable if effective in (None, trainable)
-              else f"{_fmt(trainable)} ({_fmt(effective)} can change)"}
+    params = {"trainable_parameters": report.get("trainable_parameters"),
+              "effective_parameters": report.get("effective_trainable_parameters", report.get("trainable_parameters")),
+              "paper_parameters": paper_parameters}
     if "mask_rule" in report:
         rows[f"{name}: mask >= 1 %"] = {**report["mask_rule"], **params}
     rows[f"{name}: frame head"] = {**report["head"], **params}
@@ -220,7 +248,8 @@ def evaluate_weights(weights: Path, prepared: Path, split: str = "test", device:
     """Load a checkpoint in algorithm's format and score it on a prepared split."""
     from algorithm.inference import resolve_device
     from algorithm.model.checkpoint import load_checkpoint
-    from algorithm.model.fetalclipseg import trainable_parameters
+    from algorithm.model.fetalclipseg import effective_parameters, trainable_parameters
+    from algorithm.runtime import choose_precision
 
     dev = resolve_device(device)
     model, info = load_checkpoint(weights, device=dev)
@@ -231,12 +260,13 @@ def evaluate_weights(weights: Path, prepared: Path, split: str = "test", device:
         out = model(images)
         return out.mask_logits, out.frame_logits
 
-    stats = accumulate(forward, loader, dev, torch.ones(3), precision, progress=progress, total=len(loader),
-                       desc=f"{split} frames")
+    stats = accumulate(forward, loader, dev, torch.ones(3), choose_precision(precision, dev), progress=progress,
+                       total=len(loader), desc=f"{split} frames")
     extra = info.extra or {}
     trainable = int(extra.get("trainable_parameters", trainable_parameters(model)))
-    report = frame_report(stats, trainable, extra.get("effective_trainable_parameters"),
-                          use_mask=extra.get("mode") != "cls")
+    effective = extra.get("effective_trainable_parameters", effective_parameters(model))
+    use_mask = model.decoder is not None and extra.get("mode") != "cls"  # "cls": the probe's former name
+    report = frame_report(stats, trainable, effective, use_mask=use_mask)
     report.update(weights=str(weights), split=split, provenance=info.provenance)
     return report
 
@@ -249,7 +279,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int, default=0)
-    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
+                        help="auto: bf16 where native (GPU capability >= 8.0, CPUs with bf16 units), fp16 on "
+                             "older GPUs, fp32 elsewhere (algorithm.runtime)")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--markdown", type=Path)
     args = parser.parse_args(argv)

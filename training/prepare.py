@@ -124,6 +124,41 @@ def resize_masks(masks: np.ndarray, size: int = IMAGE_SIZE) -> np.ndarray:
     return resized.to(torch.uint8)[:, 0].numpy()
 
 
+PREPARE_VERSION = 1  # bump when the prepared arrays' content changes for the same inputs
+
+
+def prepare_key(data: Path, seed: int = 0, all_sweeps: bool = False,
+                fractions: Sequence[float] = DEFAULT_FRACTIONS, size: int = IMAGE_SIZE,
+                replica: bool | None = None) -> dict:
+    """Everything the prepared arrays depend on: the parameters and a fingerprint of the input files (name,
+    size and modification time of every image, mask and the circumference CSV). Equal keys mean equal
+    content, so a cache can be reused; any change makes `prepare` run again."""
+    import hashlib
+
+    data = Path(data).resolve()
+    digest = hashlib.sha256()
+    files = [layout.image_path(data, u) for u in layout.list_case_ids(data)]
+    files += [layout.mask_path(data, u) for u in layout.list_case_ids(data)] + [data / layout.CIRCUMFERENCES_CSV]
+    for path in files:
+        stat = path.stat() if path.is_file() else None
+        digest.update(f"{path.relative_to(data)}:{stat.st_size if stat else -1}:{stat.st_mtime_ns if stat else -1}\n"
+                      .encode())
+    return {"version": PREPARE_VERSION, "data": str(data), "files_sha256": digest.hexdigest(), "seed": int(seed),
+            "all_sweeps": bool(all_sweeps), "fractions": [float(f) for f in fractions], "image_size": int(size),
+            "replica": is_replica(data) if replica is None else bool(replica)}
+
+
+def prepared_matches(prepared: Path, key: dict) -> bool:
+    """Whether `prepared` holds a finished preparation made with exactly `key`."""
+    path = Path(prepared) / MANIFEST
+    if not path.is_file():
+        return False
+    try:
+        return json.loads(path.read_text()).get("key") == key
+    except (OSError, ValueError):
+        return False
+
+
 def read_array(path: Path) -> np.ndarray:
     image = sitk.ReadImage(str(path), sitk.sitkUInt8)
     return sitk.GetArrayFromImage(image)
@@ -139,6 +174,8 @@ def prepare(data: Path, out: Path, seed: int = 0, all_sweeps: bool = False,
     """
     data, out = Path(data), Path(out)
     started = time.perf_counter()
+    key = prepare_key(data, seed, all_sweeps, fractions, size, replica)
+    (out / MANIFEST).unlink(missing_ok=True)  # a preparation cut short must not pass for a finished one
     uuids = layout.list_case_ids(data)
     if not uuids:
         raise FileNotFoundError(f"no cases in {data / layout.IMAGES_DIR}")
@@ -214,6 +251,7 @@ def prepare(data: Path, out: Path, seed: int = 0, all_sweeps: bool = False,
         "counts": counts,
         "arrays": list(ARRAYS),
         "seconds": round(time.perf_counter() - started, 1),
+        "key": key,
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest

@@ -30,15 +30,18 @@ FORMAT_NAME = "fetalclipseg"
 FORMAT_VERSION = 1
 
 # What a checkpoint may declare. Generous around FetalCLIP's ViT-L/14 and the small configuration, and bounded
-# so that a file cannot ask for an absurd network; the decoder takes exactly four skip layers and the frame
-# selection reads three frame classes.
+# so that a file cannot ask for an absurd network; the decoder takes exactly four skip layers. Frame heads have
+# three classes (what the algorithm's selection reads) or one (training's binary classifiers).
 INT_RANGES: dict[str, tuple[int, int]] = {
     "image_size": (28, 1024), "patch_size": (2, 64), "width": (8, 4096), "layers": (1, 64), "heads": (1, 128),
-    "embed_dim": (8, 4096), "decoder_filters": (1, 512), "mask_classes": (2, 16), "frame_classes": (3, 3),
+    "embed_dim": (8, 4096), "decoder_filters": (1, 512), "mask_classes": (2, 16), "frame_classes": (1, 3),
     "lora_rank": (1, 512), "lora_alpha": (1, 4096),
 }
 FLOAT_RANGES: dict[str, tuple[float, float]] = {"mlp_ratio": (0.25, 16.0), "lora_dropout": (0.0, 0.9)}
 BOOL_FIELDS = ("use_lora", "encoder_no_grad")
+CHOICES: dict[str, tuple[str, ...]] = {"decoder": ("unetr", "separable", "none"),
+                                       "frame_head": ("norm-linear", "linear")}
+FRAME_CLASSES = (1, 3)
 SKIP_LAYER_COUNT = 4
 MAX_NAME_LENGTH = 200
 MODULE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
@@ -140,6 +143,11 @@ def validate_model_config(data: object) -> ModelConfig:
     for name in BOOL_FIELDS:
         if name in values and type(values[name]) is not bool:
             problems.append(f"{name}={values[name]!r} (true or false)")
+    for name, allowed in CHOICES.items():
+        if name in values and values[name] not in allowed:
+            problems.append(f"{name}={str(values[name])[:40]!r} (one of {', '.join(allowed)})")
+    if values.get("frame_classes", 3) not in FRAME_CLASSES:
+        problems.append(f"frame_classes={values['frame_classes']!r} (1 or 3)")
     if "name" in values and (not isinstance(values["name"], str) or len(values["name"]) > MAX_NAME_LENGTH):
         problems.append(f"name={str(values['name'])[:40]!r} (a string of at most {MAX_NAME_LENGTH} characters)")
     targets = values.get("lora_targets", [])

@@ -1,4 +1,7 @@
-"""UNETR-style decoder: ViT token maps from four depths plus the input image -> full-resolution mask logits.
+"""UNETR-style decoders: ViT token maps from four depths plus the input image -> full-resolution mask logits.
+
+Two of them: `UNETRDecoder` (ours, `ModelConfig.decoder = "unetr"`, described here) and
+`SeparableUNETRDecoder` (`"separable"`, the published FetalCLIPSEG decoder, described in its docstring).
 
 Layout (Hatamizadeh et al. 2022, in 2D). With a G x G token grid (16 x 16 for ViT-L/14 at 224 px):
 
@@ -108,3 +111,81 @@ class UNETRDecoder(nn.Module):
         x = self.up2(x, self.proj1(z1))
         x = self.up1(x, self.image_path(image))
         return self.head(x)
+
+
+# ------------------------------------------------------------------------------------------ the published decoder
+
+class SeparableConv(nn.Sequential):
+    """Depthwise k x k conv, BatchNorm, ReLU, then pointwise 1 x 1 conv, BatchNorm, ReLU (convs with bias)."""
+
+    def __init__(self, in_ch: int, out_ch: int, kernel_size: int = 3):
+        super().__init__(
+            nn.Conv2d(in_ch, in_ch, kernel_size, padding=kernel_size // 2, groups=in_ch),
+            nn.BatchNorm2d(in_ch), nn.ReLU(inplace=True),
+            nn.Conv2d(in_ch, out_ch, 1),
+            nn.BatchNorm2d(out_ch), nn.ReLU(inplace=True),
+        )
+
+
+class SeparableUpConv(nn.Sequential):
+    """x2 depthwise transposed conv, then a SeparableConv."""
+
+    def __init__(self, in_ch: int, out_ch: int):
+        super().__init__(nn.ConvTranspose2d(in_ch, in_ch, 2, stride=2, groups=in_ch), SeparableConv(in_ch, out_ch))
+
+
+class SeparableUpsample(nn.Sequential):
+    """x2 depthwise transposed conv, then a pointwise 1 x 1 conv; no normalisation (the end of a stage)."""
+
+    def __init__(self, in_ch: int, out_ch: int):
+        super().__init__(nn.ConvTranspose2d(in_ch, in_ch, 2, stride=2, groups=in_ch), nn.Conv2d(in_ch, out_ch, 1))
+
+
+class SeparableUNETRDecoder(nn.Module):
+    """The published FetalCLIPSEG decoder (a 2-D UNETR of depthwise-separable blocks), same shape and sizes.
+
+    The four token maps are first resized bilinearly to image_size / 16 (14 x 14 at 224 px, as the published
+    code does), so four x2 steps reach the image size:
+
+        deepest map → upsample ───────────────┐ concat (2G', 16f) → 3 blocks → upsample
+        3rd map → 1 up-conv (8f) ─────────────┘                                    │ concat (8f) → 2 blocks → upsample
+        2nd map → 2 up-convs (4f) ─────────────────────────────────────────────────┘        │ concat → 2 blocks → upsample
+        1st map → 3 up-convs (2f) ──────────────────────────────────────────────────────────┘          │
+        input image → 2 blocks (f) ──────────────────────────────────────── concat (2f) → 2 blocks → 1x1 → logits
+
+    BatchNorm, not InstanceNorm: it is what the published weights were trained with (statistics of the batch
+    while training, running averages at inference). The output has `num_classes` channels for our softmax
+    post-processing where the published head had one sigmoid channel (2-class softmax = sigmoid of the
+    logit difference: the same family of masks, f + 1 more parameters).
+    """
+
+    def __init__(self, width: int, num_classes: int, filters: int = 32, in_channels: int = 3,
+                 image_size: int = 224):
+        super().__init__()
+        if image_size % 16:
+            raise ValueError(f"the separable decoder needs an image size divisible by 16, got {image_size}")
+        self.grid = image_size // 16
+        f = filters
+        self.image_path = nn.Sequential(SeparableConv(in_channels, f), SeparableConv(f, f))
+        self.proj1 = nn.Sequential(SeparableUpConv(width, 8 * f), SeparableUpConv(8 * f, 4 * f),
+                                   SeparableUpConv(4 * f, 2 * f))
+        self.proj2 = nn.Sequential(SeparableUpConv(width, 8 * f), SeparableUpConv(8 * f, 4 * f))
+        self.proj3 = SeparableUpConv(width, 8 * f)
+        self.bottleneck = SeparableUpsample(width, 8 * f)
+        self.stage3 = nn.Sequential(SeparableConv(16 * f, 8 * f), SeparableConv(8 * f, 8 * f),
+                                    SeparableConv(8 * f, 8 * f), SeparableUpsample(8 * f, 4 * f))
+        self.stage2 = nn.Sequential(SeparableConv(8 * f, 4 * f), SeparableConv(4 * f, 4 * f),
+                                    SeparableUpsample(4 * f, 2 * f))
+        self.stage1 = nn.Sequential(SeparableConv(4 * f, 2 * f), SeparableConv(2 * f, 2 * f),
+                                    SeparableUpsample(2 * f, f))
+        self.head = nn.Sequential(SeparableConv(2 * f, f), SeparableConv(f, f), nn.Conv2d(f, num_classes, 1))
+
+    def forward(self, image: torch.Tensor, features: Sequence[torch.Tensor]) -> torch.Tensor:
+        if len(features) != 4:
+            raise ValueError(f"the decoder takes 4 token maps, got {len(features)}")
+        z1, z2, z3, z4 = (F.interpolate(z, size=(self.grid, self.grid), mode="bilinear", align_corners=False)
+                          for z in features)
+        x = self.stage3(torch.cat([self.proj3(z3), self.bottleneck(z4)], dim=1))
+        x = self.stage2(torch.cat([self.proj2(z2), x], dim=1))
+        x = self.stage1(torch.cat([self.proj1(z1), x], dim=1))
+        return self.head(torch.cat([self.image_path(image), x], dim=1))

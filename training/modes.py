@@ -1,0 +1,181 @@
+"""What each training mode is: the network it builds, the loss it trains, what it reproduces.
+
+* `fixed`: our FetalCLIPSEG. LoRA (r 8, alpha 16, dropout 0.1) on `c_fc`, `c_proj` and the whole `attn`
+  (peft's MultiheadAttention layer adapts in_proj and out_proj), gradients through the encoder, a three-class
+  frame head (none / suboptimal / optimal) beside the mask; the weights we submit.
+* `paper`: the published FetalCLIPSEG as published (github.com/donglihe-hub/FetalCLIP-IQA): the
+  depthwise-separable UNETR decoder (`init_filters` 32, token maps of blocks 6, 8, 12, 24), LoRA on `c_fc`,
+  `c_proj`, `out_proj`, the encoder under torch.no_grad (so the LoRA never trains: the published bug, kept
+  so its effect can be seen), the published Dice loss (foreground only, zero on batches without abdomen)
+  and the best epoch by that loss. We add a frame head on the image embedding so that the algorithm can run
+  the model on whole cases; behind no_grad it cannot influence the decoder, which trains exactly as
+  published.
+* `paper-cls`: the published FetalCLIPCLS: the same LoRA (trained: no no_grad here; the `out_proj`
+  adapters stay inert), one linear layer with one output on the image embedding, binary cross-entropy
+  (abdomen plane on the frame or not). No mask.
+* `probe`: the linear-probing ablation: `paper-cls` without LoRA, the encoder frozen.
+* `baseline`: a generic backbone with the FetalCLIPCLS head (training.baselines).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from algorithm.config import ModelConfig
+
+MODES = ("fixed", "paper", "paper-cls", "probe", "baseline")
+FETALCLIP_MODES = ("fixed", "paper", "paper-cls", "probe")
+LEGACY_MODES = {"cls": "probe"}  # the linear probe's former name
+
+PAPER_LORA_TARGETS = ("c_fc", "c_proj", "out_proj")
+FIXED_LORA_TARGETS = ("c_fc", "c_proj", "attn")
+# The decoder of `fixed`. Measured on the replica (README, Training): see `FIXED_DECODER_NOTE`.
+FIXED_DECODER = "unetr"
+
+
+@dataclass(frozen=True)
+class ModeSpec:
+    name: str
+    label: str  # row name in the reports
+    reproduces: str
+    segments: bool  # has a mask decoder: mask-rule metrics, whole-case challenge score
+    mask_loss: str | None  # "dice" (ours: both classes, pooled over the batch) | "dice-fg" (published)
+    frame_loss: str  # "ce" (three classes, class-weighted) | "bce" (abdomen present or not)
+    select_on_mask: bool  # best epoch by the mask loss alone (the published model selection)
+    paper_parameters: int | None  # trainable parameters the paper reports
+    paper_metrics: dict[str, float | None] | None = None  # the paper's frame-level figures
+
+
+SPECS: dict[str, ModeSpec] = {
+    "fixed": ModeSpec("fixed", "FetalCLIPSEG (ours, fixed)",
+                      "our corrected FetalCLIPSEG: LoRA that trains, a 3-class frame head", True, "dice", "ce",
+                      False, None),
+    "paper": ModeSpec("paper", "FetalCLIPSEG (published code)",
+                      "the published FetalCLIPSEG, no_grad encoder included (its LoRA never trains)", True,
+                      "dice-fg", "ce", True, 4_000_000,
+                      {"f1": 0.771, "precision": 0.70, "recall": 0.86, "accuracy": None, "specificity": None}),
+    "paper-cls": ModeSpec("paper-cls", "FetalCLIPCLS (published code)",
+                          "the published FetalCLIPCLS: LoRA + one linear layer, binary cross-entropy", False,
+                          None, "bce", False, 2_400_000,
+                          {"f1": 0.757, "precision": 0.7782, "recall": 0.7397, "accuracy": 0.9575,
+                           "specificity": None}),
+    "probe": ModeSpec("probe", "FetalCLIP linear probe",
+                      "the linear-probing ablation: FetalCLIPCLS without LoRA, frozen encoder", False, None, "bce",
+                      False, None),
+    "baseline": ModeSpec("baseline", "baseline", "a generic backbone with the FetalCLIPCLS head and loss", False,
+                         None, "bce", False, None),
+}
+
+
+def canonical_mode(mode: str) -> str:
+    return LEGACY_MODES.get(mode, mode)
+
+
+def model_config_for(mode: str, config: str = "full", train_encoder: bool = False, lora_rank: int = 8,
+                     lora_alpha: int | None = None, decoder: str | None = None) -> ModelConfig:
+    """The ModelConfig a FetalCLIP mode builds (stored in its checkpoints).
+
+    `train_encoder` (every encoder weight trainable, no LoRA: for a randomly initialised small encoder)
+    applies to `fixed` only; `decoder` overrides the decoder of `fixed`. `lora_alpha` None: 2 x rank
+    (the paper's 16 at rank 8).
+    """
+    mode = canonical_mode(mode)
+    base = ModelConfig.small() if config == "small" else ModelConfig()
+    lora = dict(lora_rank=lora_rank, lora_alpha=2 * lora_rank if lora_alpha is None else lora_alpha)
+    if mode == "fixed":
+        return dataclasses.replace(base, **lora, use_lora=not train_encoder, lora_targets=FIXED_LORA_TARGETS,
+                                   encoder_no_grad=False, decoder=decoder or FIXED_DECODER)
+    if train_encoder:
+        raise ValueError(f"--train-encoder applies to mode fixed, not {mode} (which reproduces a published set-up)")
+    if decoder is not None:
+        raise ValueError(f"--decoder applies to mode fixed; {mode} has its published architecture")
+    if mode == "paper":
+        return dataclasses.replace(base, **lora, use_lora=True, lora_targets=PAPER_LORA_TARGETS,
+                                   encoder_no_grad=True, decoder="separable")
+    classifier = dict(decoder="none", frame_head="linear", frame_classes=1)
+    if mode == "paper-cls":
+        return dataclasses.replace(base, **lora, **classifier, use_lora=True, lora_targets=PAPER_LORA_TARGETS,
+                                   encoder_no_grad=False)
+    if mode == "probe":
+        return dataclasses.replace(base, **lora, **classifier, use_lora=False, encoder_no_grad=True)
+    raise ValueError(f"mode must be one of {FETALCLIP_MODES}, got {mode!r}")
+
+
+def configure_trainable(model: nn.Module, mode: str, train_encoder: bool = False) -> None:
+    """requires_grad per mode. build_model leaves only LoRA trainable in a LoRA encoder; `paper` keeps its
+    adapters flagged trainable, as the published code did (no_grad is what stops them)."""
+    encoder = getattr(model, "encoder", None)
+    if encoder is not None and not getattr(encoder, "has_lora", True):
+        for p in encoder.parameters():
+            p.requires_grad = train_encoder
+    if getattr(model, "decoder", None) is not None:
+        for p in model.decoder.parameters():
+            p.requires_grad = True
+    for p in model.frame_head.parameters():
+        p.requires_grad = True
+
+
+def build_training_model(mode: str, config: str = "full", fetalclip: Path | None = None,
+                         train_encoder: bool = False, lora_rank: int = 8, lora_alpha: int | None = None,
+                         decoder: str | None = None, backbone: str | None = None,
+                         pretrained: str | Path | None = None, adapt: str | None = None) -> nn.Module:
+    """The network of `mode`, with requires_grad set as that mode trains it."""
+    mode = canonical_mode(mode)
+    if mode == "baseline":
+        from training.baselines import build_baseline
+
+        if not backbone:
+            raise ValueError("mode baseline needs --backbone (a name of training.baselines.BASELINES or timm)")
+        return build_baseline(backbone, pretrained, adapt, lora_rank,
+                              2 * lora_rank if lora_alpha is None else lora_alpha)
+    from algorithm.model.fetalclipseg import build_model
+
+    model = build_model(model_config_for(mode, config, train_encoder, lora_rank, lora_alpha, decoder), fetalclip)
+    configure_trainable(model, mode, train_encoder)
+    return model
+
+
+def parameter_counts(model: nn.Module, mode: str, config: str = "full") -> dict[str, Any]:
+    """{"trainable", "effective", "paper"}: flagged trainable, able to change, and the paper's figure (full
+    size only: the paper's models are full size)."""
+    from algorithm.model.fetalclipseg import effective_parameters, trainable_parameters
+
+    return {"trainable": trainable_parameters(model), "effective": effective_parameters(model),
+            "paper": SPECS[canonical_mode(mode)].paper_parameters if config == "full" else None}
+
+
+def count_parameters(config: str = "full", modes: tuple[str, ...] = FETALCLIP_MODES, lora_rank: int = 8,
+                     lora_alpha: int | None = None) -> dict[str, dict[str, Any]]:
+    """Per mode, its parameter counts (built with random weights, one model at a time)."""
+    import gc
+
+    import torch
+
+    counts = {}
+    for mode in modes:
+        torch.manual_seed(0)
+        model = build_training_model(mode, config, lora_rank=lora_rank, lora_alpha=lora_alpha)
+        counts[mode] = parameter_counts(model, mode, config)
+        del model
+        gc.collect()
+    return counts
+
+
+def format_parameters(n: int | float | None) -> str:
+    if n is None:
+        return "–"
+    return f"{n / 1e6:.2f} M" if n >= 100_000 else f"{int(n):,}"
+
+
+def parameters_table(counts: dict[str, dict[str, Any]]) -> str:
+    """Markdown: per mode, trainable / effective beside the paper's figure."""
+    lines = ["| mode | reproduces | trainable | can change | paper |", "|---|---|---|---|---|"]
+    for mode, c in counts.items():
+        spec = SPECS[canonical_mode(mode)]
+        lines.append(f"| {mode} | {spec.reproduces} | {format_parameters(c['trainable'])} "
+                     f"| {format_parameters(c['effective'])} | {format_parameters(c['paper'])} |")
+    return "\n".join(lines) + "\n"

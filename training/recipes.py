@@ -1,0 +1,371 @@
+"""Recipes that chain the training steps: `reproduce` (the paper's experiments) and `demo-weights`.
+
+`reproduce` = prepare (once, on rank 0; reused when every parameter of its content matches) -> train each
+mode (under torchrun with DDP) -> the paper's frame-level table with parameter counts beside the paper's ->
+the threshold sweep of the mask-size rule -> the algorithm on every whole test case and the challenge score
+(training.evaluate), on rank 0 -> one Markdown report.
+
+`demo-weights` makes the bundled CPU demo weights: a replica dataset, prepared, the small configuration
+trained from scratch on the CPU (all encoder weights trainable), saved as a checkpoint with the provenance
+"replica-trained demo weights, not for clinical use". `--check` then runs `python -m algorithm` on fresh
+replica cases (seed 424242, never used for training) and scores them with `python -m training.evaluate`.
+
+The demo budget (2 shared CPU cores): a training step costs ~0.3 CPU-s per frame, almost all of it the
+decoder's convolutions at 224 px, so the recipe spends decoder passes where they teach most:
+* 60 cases of 48 frames per sweep (not 140): the same number of annotated runs per case, 3x fewer
+  near-duplicate frames to generate, store and read; more cases = more abdomen shapes and backgrounds;
+* all sweeps prepared (`--all-sweeps`), so negatives include the skulls, bones and lift-off frames of the
+  sweeps without an abdomen, which a whole-case run must reject;
+* per epoch every positive frame (once, augmented online), 0.75 decoded negatives per positive, and 4
+  head-only negatives per positive (encoder + frame head, no decoder: ~1/6 of the cost), see
+  `training.sampling.MixedBatches`;
+* batch 8, AdamW 1e-3 with 50 warm-up steps (a from-scratch network, not LoRA on a pretrained one),
+  Dice + cross-entropy for the mask, bf16 autocast where the CPU has bf16 units, one torch thread, NHWC;
+* 42 epochs, the one with the lowest validation loss kept (validation: 160 frames, positives first). The
+  frame head of a from-scratch encoder is the slow learner: its validation cross-entropy stays at chance
+  (~1.05) for the first ~12 epochs, while the mask is already usable, and only then falls.
+* optionally (`--mine-epochs N`, off by default) N more epochs of hard-negative mining (training.mining)
+  from the best of those weights, AdamW 3e-4, half of every negative draw taken from the negatives the
+  frame head still calls abdomen, again keeping the epoch with the lowest validation loss. Tried for the
+  30-epoch weights with N = 10 and not adopted: the acceptance cases (seed 424242) went from 0.673 to
+  0.975, but 16 other replica cases went from 0.818 to 0.713 (README, Training).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from training import layout
+
+log = logging.getLogger("training")
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO_WEIGHTS = REPO / "algorithm" / "weights" / "fetalclipseg_small_replica.safetensors"
+DEMO_PROVENANCE = "replica-trained demo weights, not for clinical use"
+CHECK_SEED = 424242  # the acceptance cases; never a training seed
+MAX_DEMO_BYTES = 20 * 1024 * 1024
+
+
+
+# ------------------------------------------------------------------------------------------ whole cases
+
+def predict_cases(weights: Path, data: Path, uuids: Sequence[str], out: Path, device: str = "auto",
+                  overrides: dict[str, Any] | None = None, progress: bool = True) -> dict[str, Any]:
+    """The algorithm on whole cases of a release-layout folder, in process (one model load), written in the
+    grand-challenge output layout: out/<uuid>/{images/fetal-abdomen-segmentation/output.mha, frame json}."""
+    from tqdm import tqdm
+
+    from algorithm.contract import read_stack, write_outputs
+    from algorithm.inference import load_predictor
+
+    predictor, checkpoint = load_predictor(weights, {"device": device, **(overrides or {})})
+    timings = {}
+    for uuid in tqdm(uuids, desc="test cases", unit="case", disable=not progress):
+        started = time.perf_counter()
+        stack = read_stack(layout.image_path(data, uuid))
+        result = predictor.predict(stack.array)
+        write_outputs(out / uuid, stack, result.frame, result.mask)
+        (out / uuid / "result.json").write_text(json.dumps(result.summary(), indent=2) + "\n")
+        timings[uuid] = round(time.perf_counter() - started, 1)
+    return {"checkpoint": checkpoint, "seconds_per_case": timings}
+
+
+def ground_truth_view(data: Path, uuids: Sequence[str], folder: Path) -> Path:
+    """A release-layout folder holding only `uuids` (symlinks, filtered CSV): training.evaluate scores every
+    case it finds, so the test split needs a folder of its own."""
+    if folder.exists():
+        shutil.rmtree(folder)
+    for sub, path_of in ((layout.IMAGES_DIR, layout.image_path), (layout.MASKS_DIR, layout.mask_path)):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+        for uuid in uuids:
+            source = path_of(data, uuid)
+            if source.is_file():
+                os.symlink(source.resolve(), folder / sub / source.name)
+    source_csv = data / layout.CIRCUMFERENCES_CSV
+    if source_csv.is_file():
+        (folder / layout.CIRCUMFERENCES_CSV).parent.mkdir(parents=True, exist_ok=True)
+        with source_csv.open(newline="") as src, (folder / layout.CIRCUMFERENCES_CSV).open("w", newline="") as dst:
+            reader = csv.DictReader(src)
+            writer = csv.DictWriter(dst, fieldnames=reader.fieldnames, lineterminator="\n")
+            writer.writeheader()
+            writer.writerows(row for row in reader if row["uuid"] in set(uuids))
+    return folder
+
+
+def challenge_score(weights: Path, data: Path, uuids: Sequence[str], out: Path, device: str = "auto",
+                    overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Predict whole cases and score them with training.evaluate; returns its report (+ timings)."""
+    from training.evaluate import evaluate
+
+    predictions = out / "predictions"
+    run = predict_cases(weights, data, uuids, predictions, device, overrides)
+    report = evaluate(predictions, ground_truth_view(data, uuids, out / "ground_truth"))
+    report["inference"] = run
+    (out / "challenge.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+# ------------------------------------------------------------------------------------------ reproduce
+
+def _fmt(value: Any) -> str:
+    return "–" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+def challenge_table(rows: dict[str, dict[str, Any]]) -> str:
+    lines = ["| model | score | WFSS | DSC_soft | NAE_AC | HD (mm) | cases |", "|---|---|---|---|---|---|---|"]
+    for name, agg in rows.items():
+        lines.append(f"| {name} | {_fmt(agg.get('score'))} | {_fmt(agg.get('wfss'))} | {_fmt(agg.get('dsc_soft'))} "
+                     f"| {_fmt(agg.get('nae_ac'))} | {_fmt(agg.get('hd'))} | {agg.get('n_cases', '–')} |")
+    return "\n".join(lines) + "\n"
+
+def reproduce_runs(args: argparse.Namespace, prepared: Path) -> list[tuple[str, Any]]:
+    """(report name, TrainConfig) of every mode and baseline `reproduce` trains, in order."""
+    from training.modes import canonical_mode
+    from training.train import TrainConfig, recipe_from_args
+
+    recipe = recipe_from_args(args)
+    # --train-encoder (default for the small config without FetalCLIP weights) replaces LoRA in our mode only:
+    # the other modes reproduce published set-ups whatever the encoder's start.
+    train_encoder = args.train_encoder or (args.config == "small" and args.fetalclip is None)
+    runs = []
+    for mode in dict.fromkeys(canonical_mode(m) for m in args.modes):
+        changes = dict(train_encoder=train_encoder and mode == "fixed",
+                       decoder=args.decoder if mode == "fixed" else None)
+        runs.append((mode, TrainConfig(prepared=prepared, out=args.out / mode, mode=mode,
+                                       **{**recipe, **changes})))
+    for name in args.baselines or []:
+        pretrained = recipe["pretrained"]
+        if getattr(args, "baseline_weights", None):
+            found = [p for p in sorted(Path(args.baseline_weights).glob(f"{name}.*")) if p.is_file()]
+            if not found:
+                raise FileNotFoundError(f"no weights for baseline {name} in {args.baseline_weights} "
+                                        f"(expected {name}.safetensors or {name}.pth)")
+            pretrained = str(found[0])
+        runs.append((f"baseline-{name}", TrainConfig(prepared=prepared, out=args.out / f"baseline-{name}",
+                                                     mode="baseline", backbone=name,
+                                                     **{**recipe, "train_encoder": False, "decoder": None,
+                                                        "pretrained": pretrained})))
+    return runs
+
+
+def prepare_once(args: argparse.Namespace, prepared: Path, ctx) -> dict:
+    """Rank 0 prepares (or reuses a preparation made with the same key); the other ranks wait."""
+    from training.dataset import read_manifest
+    from training.prepare import prepare, prepare_key, prepared_matches
+
+    if ctx.main:
+        key = prepare_key(args.data, args.seed, args.all_sweeps, replica=args.replica)
+        if prepared_matches(prepared, key):
+            log.info("reusing prepared data in %s (same data files and parameters)", prepared)
+        else:
+            if (prepared / "manifest.json").is_file():
+                log.info("prepared data in %s was made from other files or parameters: preparing again", prepared)
+            prepare(args.data, prepared, seed=args.seed, all_sweeps=args.all_sweeps, replica=args.replica)
+    ctx.barrier()
+    return read_manifest(prepared)
+
+
+def reproduce(args: argparse.Namespace) -> int:
+    from training.distributed import setup_distributed
+    from training.evaluate_frames import markdown_table
+    from training.modes import parameters_table
+    from training.prepare import describe
+    from training.threshold_sweep import markdown as sweep_markdown, run as run_sweep
+    from training.train import result_rows, summarise, train
+
+    ctx = setup_distributed(args.device)
+    out: Path = args.out
+    if ctx.main:
+        out.mkdir(parents=True, exist_ok=True)
+    prepared = args.prepared or out / "prepared"
+    manifest = prepare_once(args, prepared, ctx)
+    if ctx.main:
+        log.info("splits:\n%s", describe(manifest))
+    runs = reproduce_runs(args, prepared)
+    summaries = {name: train(cfg) for name, cfg in runs}  # every rank trains (DDP under torchrun)
+    if not ctx.main:
+        return 0
+
+    frame_rows: dict[str, dict[str, Any]] = {}
+    challenge_rows: dict[str, dict[str, Any]] = {}
+    sweeps: list[str] = []
+    counts: dict[str, dict[str, Any]] = {}
+    results: dict[str, Any] = {"data": str(args.data), "prepared": str(prepared), "world_size": ctx.world,
+                               "all_sweeps": manifest.get("all_sweeps", False), "modes": {}}
+    for (name, cfg), summary in zip(runs, summaries.values()):
+        trials = summary["trials"]
+        spec = cfg.spec
+        label = spec.label if spec.name != "baseline" else f"baseline {cfg.backbone}"
+        frame_rows.update(result_rows(label, trials, summarise(trials)))
+        counts[name] = {"trainable": trials[0]["trainable_parameters"],
+                        "effective": trials[0]["effective_trainable_parameters"],
+                        "paper": trials[0]["paper_parameters"]}
+        entry: dict[str, Any] = {"checkpoint": summary["checkpoint"], "test_mean_std": summary["test_mean_std"],
+                                 "parameters": counts[name], "precision": trials[0]["precision"],
+                                 "memory": trials[0]["memory"]}
+        if spec.segments:
+            files = [t["test_frames"] for t in trials if t.get("test_frames")]
+            if files:
+                sweep = run_sweep(files, out / name / "threshold_sweep", f"{label}, test split")
+                entry["threshold_sweep"] = {"best": sweep["best"], "paper": sweep["paper_threshold"],
+                                            "plot": sweep["plot"]}
+                sweeps.append(sweep_markdown(sweep, label))
+            if not args.skip_cases:
+                report = challenge_score(Path(summary["checkpoint"]), args.data, manifest["splits"]["test"],
+                                         out / name / "challenge", args.device)
+                challenge_rows[label] = report["aggregate"]
+                entry["challenge"] = report["aggregate"]
+        results["modes"][name] = entry
+
+    population = ("every frame of all six sweeps (`--all-sweeps`)" if manifest.get("all_sweeps") else
+                  "the frames of the sweeps with a reference AC, as published")
+    text = [f"# FetalCLIPSEG reproduction ({args.config} configuration)\n",
+            f"Data: `{args.data}` ({'replica, not for clinical use' if manifest.get('replica') else 'release'}); "
+            f"split by subject, seed {manifest['seed']}: " +
+            ", ".join(f"{s} {c['cases']} cases / {c['frames']} frames" for s, c in manifest["counts"].items()) + ".\n",
+            f"Population of the frame tables and of training: {population}. The challenge table runs the "
+            "algorithm on every frame of the whole test cases.\n",
+            f"Training: {args.epochs} epoch(s) of the training frames plus {args.augment_copies} augmented "
+            f"cop{'y' if args.augment_copies == 1 else 'ies'} each, batch {args.batch_size}, AdamW {args.lr:g}, "
+            f"{args.trials} trial(s) (mean ± std), {ctx.world} process(es); precision "
+            f"{summaries[runs[0][0]]['trials'][0]['precision']}; encoder "
+            f"{'from FetalCLIP weights' if args.fetalclip else 'randomly initialised'}"
+            f"{'; max ' + str(args.max_steps) + ' steps' if args.max_steps else ''}.\n",
+            "## Parameters\n", parameters_table(counts),
+            "\n## Frame level (test split; positive = annotated frame)\n", markdown_table(frame_rows)]
+    if sweeps:
+        text += ["\n## Threshold of the mask-size rule (test split)\n", *sweeps]
+    if challenge_rows:
+        text += ["\n## Challenge metrics (whole test cases through `algorithm`)\n", challenge_table(challenge_rows)]
+    (out / "report.md").write_text("\n".join(text))
+    (out / "reproduce.json").write_text(json.dumps(results, indent=2) + "\n")
+    print("\n".join(text))
+    print(f"report: {out / 'report.md'}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ demo weights
+
+def cli_case_folder(data: Path, uuid: str, folder: Path) -> Path:
+    """A grand-challenge /input folder for one release case (note the dash: stacked-fetal-ultrasound)."""
+    from algorithm.contract import INPUT_FOLDER
+
+    target = folder / INPUT_FOLDER
+    target.mkdir(parents=True, exist_ok=True)
+    link = target / f"{uuid}.mha"
+    if not link.exists():
+        os.symlink(layout.image_path(data, uuid).resolve(), link)
+    return folder
+
+
+def check_weights(weights: Path, work: Path, cases: int = 4, seed: int = CHECK_SEED,
+                  frames_per_sweep: int = 140, device: str = "cpu", threads: int | None = None) -> dict[str, Any]:
+    """The acceptance check: replica cases (seed 424242), `python -m algorithm` on each through its CLI,
+    then `python -m training.evaluate`. Returns the evaluation report."""
+    from training.evaluate import evaluate
+    from training.phantom import write_dataset
+
+    data = work / f"check_{seed}"
+    if not (data / layout.CIRCUMFERENCES_CSV).is_file():
+        write_dataset(data, cases, frames_per_sweep, seed)
+    uuids = layout.list_case_ids(data)
+    predictions = work / "check_predictions"
+    env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
+    timings = {}
+    for uuid in uuids:
+        case = cli_case_folder(data, uuid, work / "check_inputs" / uuid)
+        started = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "algorithm", "--input", str(case), "--output", str(predictions / uuid),
+                        "--weights", str(weights), "--device", device], check=True, cwd=REPO, env=env)
+        timings[uuid] = round(time.perf_counter() - started, 1)
+    report = evaluate(predictions, data)
+    report["seconds_per_case"] = timings
+    (work / "check.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def demo_weights(args: argparse.Namespace) -> int:
+    from algorithm.model.checkpoint import load_checkpoint, save_checkpoint
+    from algorithm.runtime import choose_precision
+    from training.phantom import write_dataset
+    from training.prepare import describe, prepare
+    from training.train import CHECKPOINT_NAME, TrainConfig, train
+
+    if args.seed == CHECK_SEED:
+        raise SystemExit(f"--seed {CHECK_SEED} makes the acceptance cases; train on another seed")
+    work: Path = args.work
+    work.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    data = work / "replica"
+    if not (data / layout.CIRCUMFERENCES_CSV).is_file():
+        write_dataset(data, args.cases, args.frames_per_sweep, args.seed)
+    prepared = work / "prepared"
+    if not (prepared / "manifest.json").is_file():
+        prepare(data, prepared, seed=args.seed, all_sweeps=True, fractions=args.fractions, replica=True)
+    manifest = json.loads((prepared / "manifest.json").read_text())
+    log.info("demo data:\n%s", describe(manifest))
+    data_seconds = time.perf_counter() - started
+
+    # auto: bf16 autocast where the CPU has bf16 units (AMX / AVX512-BF16: half the CPU time), else fp32
+    precision = choose_precision(args.precision, "cpu")
+    # The demo recipe: our decoder, every frame once per epoch (augmented online), whatever the defaults.
+    cfg = TrainConfig(prepared=prepared, out=work / "train", mode="fixed", config="small", train_encoder=True,
+                      decoder="unetr", augment_copies=0, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, device="cpu", precision=precision,
+                      seed=args.seed, resume=args.resume, negatives_per_positive=args.negatives_per_positive,
+                      mask_ce_weight=1.0, val_max_frames=args.val_max_frames, replica=True,
+                      max_steps=args.max_steps, warmup_steps=args.warmup_steps,
+                      head_negatives_per_positive=args.head_negatives_per_positive, threads=args.threads)
+    summary = train(cfg)
+    final = work / "train" / CHECKPOINT_NAME
+    epochs = f"{summary['trials'][0]['epochs_trained']} epochs"
+    if args.mine_epochs:
+        # Stage 2: fine-tune the stage-1 weights with hard-negative mining (training.mining), with a fresh
+        # optimiser and its own best epoch by validation loss.
+        mined = dataclasses.replace(cfg, out=work / "mine", init=final, epochs=args.mine_epochs, lr=args.mine_lr,
+                                    hard_negatives=args.hard_negatives, hard_negatives_from=0)
+        summary = train(mined)
+        final = work / "mine" / CHECKPOINT_NAME
+        epochs += (f" + {summary['trials'][0]['epochs_trained']} epochs of hard-negative mining "
+                   f"({args.hard_negatives:g} of the negatives, lr {args.mine_lr:g})")
+    train_seconds = time.perf_counter() - started - data_seconds
+
+    # Re-save with the demo provenance (and fp16 only if fp32 would not fit the size limit).
+    model, info = load_checkpoint(final, device="cpu")
+    provenance = (f"{DEMO_PROVENANCE}: FetalCLIPSEG small configuration, encoder trained from scratch, "
+                  f"{args.cases} replica cases (seed {args.seed}, {args.frames_per_sweep} frames per sweep), "
+                  f"{epochs} on CPU; `python -m training demo-weights`")
+    extra = dict(info.extra, demo_command=" ".join(["python -m training demo-weights"] + (args.argv or [])),
+                 data_seconds=round(data_seconds, 1), train_seconds=round(train_seconds, 1))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(args.out, model, model.config, provenance, extra=extra)
+    size = args.out.stat().st_size
+    if size > MAX_DEMO_BYTES:
+        model = model.half()
+        save_checkpoint(args.out, model, dataclasses.replace(model.config), provenance,
+                        extra={**extra, "dtype": "float16"})
+        size = args.out.stat().st_size
+    log.info("demo weights: %s (%.1f MB), data %.0f s, training %.0f s", args.out, size / 2**20, data_seconds,
+             train_seconds)
+    if size > MAX_DEMO_BYTES:
+        raise SystemExit(f"{args.out} is {size / 2**20:.1f} MB, over the 20 MB limit")
+    result = {"weights": str(args.out), "bytes": size, "data_seconds": round(data_seconds, 1),
+              "train_seconds": round(train_seconds, 1), "test_frame_metrics": summary["trials"][0].get("test")}
+    if args.check:
+        report = check_weights(args.out, work, args.check_cases, CHECK_SEED, device="cpu", threads=args.threads)
+        result["check"] = report["aggregate"]
+        log.info("check on %d replica cases (seed %d): score %.3f", args.check_cases, CHECK_SEED,
+                 report["aggregate"]["score"])
+    (work / "demo_weights.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+    return 0
+
