@@ -31,6 +31,12 @@ class OutputError(AlgorithmError):
     exit_code = 4
 
 
+class DeviceUnavailable(AlgorithmError):
+    """The device or precision asked for cannot be had here (`--device cuda` without a usable GPU, fp16 on the CPU)."""
+
+    exit_code = 5
+
+
 class Interrupted(BaseException):
     """SIGTERM or SIGINT arrived: unwind (staged outputs are removed) and exit with 128 + the signal number.
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 from .contract import EXTRAS_DIR, Stack, find_input_image, output_lock, read_stack, write_outputs
-from .errors import AlgorithmError, WeightsError
+from .errors import DeviceUnavailable, WeightsError
 from .report import case_picture, write_png
 
 log = logging.getLogger("algorithm")
@@ -30,7 +30,7 @@ def load(weights_path: Path, overrides: dict):
     except MemoryError:
         raise WeightsError(f"{weights_path}: not enough memory to load these weights") from None
     except DeviceError as error:  # e.g. --device cuda without a usable GPU, fp16 on the CPU
-        raise AlgorithmError(str(error)) from None
+        raise DeviceUnavailable(str(error)) from None
     log.info("weights %s: %s", weights_path, checkpoint["provenance"])
     log.info("running on %s, batch %d", runtime_line(predictor.runtime), predictor.batch_size)
     if "not for clinical use" in checkpoint["provenance"].lower():

@@ -35,7 +35,7 @@ from fastapi.responses import JSONResponse
 
 from . import __version__
 from .contract import check_writable, output_lock, remove_outputs
-from .errors import AlgorithmError, InputError, OutputError, WeightsError
+from .errors import AlgorithmError, DeviceUnavailable, InputError, OutputError, WeightsError
 from .run import EXTRAS_DIR, load, predict_case, read_case
 from .weights import resolve_weights
 
@@ -46,7 +46,8 @@ PORT = 4743  # the port grand-challenge's shim calls; it cannot tell us another 
 # Everything a job of ours may leave in the output folder: removed before each job, so that a job never
 # answers 201 beside another job's files, and a failed job leaves none of ours.
 # HTTP status of each failure, by the CLI's exit code (errors.py).
-STATUS_BY_EXIT_CODE = {InputError.exit_code: 422, WeightsError.exit_code: 503, OutputError.exit_code: 500}
+STATUS_BY_EXIT_CODE = {InputError.exit_code: 422, WeightsError.exit_code: 503, OutputError.exit_code: 500,
+                       DeviceUnavailable.exit_code: 503}
 
 
 class JobCancelled(Exception):

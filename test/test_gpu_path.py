@@ -177,7 +177,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 def test_cli_device_cuda_without_a_gpu_is_one_error_line(small_case, random_weights, tmp_path):
     completed = run_cli("--input", str(small_case[0]), "--output", str(tmp_path / "out"), "--weights",
                         str(random_weights), "--device", "cuda")
-    assert completed.returncode == 1
+    assert completed.returncode == 5
     errors = [line for line in completed.stderr.splitlines() if line.startswith("error:")]
     assert errors == ["error: --device cuda asked for, but no usable CUDA GPU: " +
                       ("no NVIDIA GPU is visible" if not runtime.nvidia_gpu_visible() else runtime.cuda_unusable_reason())]
@@ -188,7 +188,7 @@ def test_cli_device_cuda_without_a_gpu_is_one_error_line(small_case, random_weig
 def test_cli_fp16_on_the_cpu_is_one_error_line(small_case, random_weights, tmp_path):
     completed = run_cli("--input", str(small_case[0]), "--output", str(tmp_path / "out"), "--weights",
                         str(random_weights), "--device", "cpu", "--precision", "fp16")
-    assert completed.returncode == 1
+    assert completed.returncode == 5
     assert completed.stderr.strip().splitlines()[-1] == "error: fp16 needs a CUDA GPU; on the CPU use auto, fp32 or bf16"
 
 
