@@ -33,7 +33,7 @@ container-test: $(STAMP)
 	API=both EXPECT_EMPTY=any bash test/run_container.sh
 
 benchmark: $(STAMP)
-	$(PY) -m algorithm.benchmark --config small --json build/benchmark.json
+	$(PY) -m training speed --config small --json build/benchmark.json
 
 clean:
 	rm -rf build demo_output test/cases .pytest_cache

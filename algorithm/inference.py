@@ -3,7 +3,7 @@
 `Predictor` holds a loaded model and the configuration; `predict(stack)` returns everything a caller may
 want to write or show. Reading and writing files is the CLI's and `contract`'s job, not this module's.
 
-Speed (`python -m algorithm.benchmark` measures every item against the paper-style reference):
+Speed (`python -m training speed` measures every item against the paper-style reference):
 
 * LoRA is merged into the encoder weights at load (`InferenceConfig.merge_lora`). peft's adapter on
   `nn.MultiheadAttention` re-merges and unmerges the attention weights on every call and its Linear

@@ -68,7 +68,7 @@ def release_case_to_input(release: Path, uuid: str, root: Path) -> Path:
 @pytest.fixture(scope="session")
 def full_case(tmp_path_factory) -> tuple[Path, Path, str]:
     """One full-size (840-frame) replica case: (input folder, release folder, uuid)."""
-    from training.phantom import write_dataset
+    from training.replica import write_dataset
 
     base = tmp_path_factory.mktemp("full_case")
     uuid = write_dataset(base / "release", cases=1, frames_per_sweep=140, seed=11)[0]
@@ -78,7 +78,7 @@ def full_case(tmp_path_factory) -> tuple[Path, Path, str]:
 @pytest.fixture(scope="session")
 def small_case(tmp_path_factory) -> tuple[Path, Path, str]:
     """One small replica case (6 sweeps x 12 frames): (input folder, release folder, uuid)."""
-    from training.phantom import write_dataset
+    from training.replica import write_dataset
 
     base = tmp_path_factory.mktemp("small_case")
     uuid = write_dataset(base / "release", cases=1, frames_per_sweep=12, seed=5)[0]

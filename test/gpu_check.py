@@ -136,7 +136,7 @@ def sync(device) -> None:
 
 
 def make_case(seed: int, frames_per_sweep: int):
-    from training.phantom import generate_case
+    from training.replica import generate_case
 
     return generate_case(seed, frames_per_sweep=frames_per_sweep)
 
@@ -305,7 +305,7 @@ def full_size(report: Report, device: str, stack, frames: int) -> dict:
     import numpy as np
     import torch
 
-    from algorithm.benchmark import count_flops
+    from training.speed import count_flops
     from algorithm.config import Config, ModelConfig
     from algorithm.inference import Predictor, liftoff_frames
     from algorithm.model.fetalclipseg import build_model

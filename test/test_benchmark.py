@@ -38,7 +38,7 @@ BAD = "bad-case"
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> tuple[Path, Path, list[str]]:
     """(release folder = ground truth, cases folder = the 3 cases + a corrupt one, uuids of the 3)."""
-    from training.phantom import write_dataset
+    from training.replica import write_dataset
 
     base = tmp_path_factory.mktemp("benchmark_data")
     release = base / "release"

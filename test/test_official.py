@@ -21,7 +21,7 @@ from training.evaluate import main
 from training.metrics import case_score
 from training.official import (HD_PENALTY_PX, OfficialScorerFailure, official_case_score, official_fit_ellipse,
                                previous_first_annotated_frame)
-from training.phantom import sector_fov
+from training.replica import sector_fov
 
 REPO = Path(__file__).resolve().parents[1]
 HERE = Path(__file__).resolve().parent

@@ -31,7 +31,7 @@ FRAMES_PER_SWEEP = 12
 
 @pytest.fixture(scope="module")
 def replica(tmp_path_factory) -> Path:
-    from training.phantom import write_dataset
+    from training.replica import write_dataset
 
     root = tmp_path_factory.mktemp("replica")
     write_dataset(root, cases=4, frames_per_sweep=FRAMES_PER_SWEEP, seed=1, progress=False)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from algorithm.__main__ import main as run_algorithm
 from algorithm.contract import INPUT_FOLDER
-from training.phantom import write_dataset
+from training.replica import write_dataset
 from training.layout import IMAGES_DIR
 
 

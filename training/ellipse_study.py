@@ -285,7 +285,7 @@ def example_rows(records: Sequence[dict], chosen: str) -> list[tuple[int, str]]:
 
 def read_fov(path: Path | None) -> tuple[np.ndarray, str]:
     if path is None:
-        from training.phantom import sector_fov
+        from training.replica import sector_fov
 
         return sector_fov(), "the replica's sector"
     from training.evaluate import read_fov_mask

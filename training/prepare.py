@@ -258,7 +258,7 @@ def prepare(data: Path, out: Path, seed: int = 0, all_sweeps: bool = False,
 
 
 def is_replica(data: Path) -> bool:
-    """Whether `data` was written by training.phantom (its marker file or README says so)."""
+    """Whether `data` was written by training.replica (its marker file or README says so)."""
     data = Path(data)
     for name in ("replica.json", "REPLICA", "README.md", "README.txt"):
         path = data / name

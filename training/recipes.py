@@ -273,7 +273,7 @@ def check_weights(weights: Path, work: Path, cases: int = 4, seed: int = CHECK_S
     """The acceptance check: replica cases (seed 424242), `python -m algorithm` on each through its CLI,
     then `python -m training.evaluate`. Returns the evaluation report."""
     from training.evaluate import evaluate
-    from training.phantom import write_dataset
+    from training.replica import write_dataset
 
     data = work / f"check_{seed}"
     if not (data / layout.CIRCUMFERENCES_CSV).is_file():
@@ -297,7 +297,7 @@ def check_weights(weights: Path, work: Path, cases: int = 4, seed: int = CHECK_S
 def demo_weights(args: argparse.Namespace) -> int:
     from algorithm.model.checkpoint import load_checkpoint, save_checkpoint
     from algorithm.runtime import choose_precision
-    from training.phantom import write_dataset
+    from training.replica import write_dataset
     from training.prepare import describe, prepare
     from training.train import CHECKPOINT_NAME, TrainConfig, train
 

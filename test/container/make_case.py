@@ -2,12 +2,12 @@
 
     python test/container/make_case.py --source DIR --case-dir test/cases/normal
 
-`--source` is a folder written by `python -m training.phantom --cases 1` (public release layout:
+`--source` is a folder written by `python -m training.replica --cases 1` (public release layout:
 `DIR/images/stacked_fetal_ultrasound/<uuid>.mha`). The case folder gets
 
     <case-dir>/input/images/stacked-fetal-ultrasound/<uuid>.mha
     <case-dir>/input/inputs.json
-    <case-dir>/reference/<uuid>.mha      (the phantom's annotation, when it wrote one; not mounted)
+    <case-dir>/reference/<uuid>.mha      (the replica's annotation, when it wrote one; not mounted)
 
 where inputs.json is a list of socket values like the one grand-challenge writes for a job (the
 algorithm's input socket `stacked-fetal-ultrasound`, an Image socket with relative_path
@@ -55,7 +55,7 @@ def inputs_json(image_name: str) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--source", type=Path, required=True, help="phantom output folder (release layout)")
+    parser.add_argument("--source", type=Path, required=True, help="replica output folder (release layout)")
     parser.add_argument("--case-dir", type=Path, required=True, help="case folder to (re)create")
     args = parser.parse_args(argv)
 
