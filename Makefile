@@ -15,7 +15,7 @@ $(STAMP): requirements.txt requirements-dev.txt
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m training.demo
+	$(PY) -m training demo
 
 # The container test runs first: it builds the image from this tree in both variants (API=both: exec and
 # invoke), and the docker runner test of test/test_benchmark.py then compares the exec image with the

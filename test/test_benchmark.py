@@ -1,4 +1,4 @@
-"""`python -m training.benchmark`: runners, resume, failures, scoring report, Bland-Altman, gcapi end to end.
+"""`python -m training benchmark`: runners, resume, failures, scoring report, Bland-Altman, gcapi end to end.
 
 Cost: the model runs on 3 small replica cases (6 sweeps x 10 frames) for the CLI reference, the local
 runner and the fake grand-challenge site, once more for the resume check, and once in the container when

@@ -1,6 +1,6 @@
 """`--official` (the challenge's own scorer, reproduced) beside the default mode, on hand-built cases.
 
-The last test checks `python -m training.evaluate --official` against the official code itself; it runs when
+The last test checks `python -m training evaluate --official` against the official code itself; it runs when
 ACOUSLIC_OFFICIAL_EVAL points at a clone of DIAGNijmegen/ACOUSLIC-AI-evaluation-method (and
 ACOUSLIC_OFFICIAL_PYTHON, default this interpreter, can import its requirements).
 """

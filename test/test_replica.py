@@ -352,7 +352,7 @@ def test_no_abdomen_case_through_the_command_line(tmp_path):
 @pytest.mark.slow
 def test_a_full_size_case_has_the_release_geometry_and_annotations():
     """The default 840-frame case, not only the small ones above. Its generation time is printed, not
-    asserted (the 15 s budget is a benchmark: `python -m training.replica` reports seconds per case)."""
+    asserted (the 15 s budget is a benchmark: `python -m training replica` reports seconds per case)."""
     started = time.perf_counter()
     case = generate_case(case_rng(0, 0))
     print(f"full 840-frame case generated in {time.perf_counter() - started:.1f} s")

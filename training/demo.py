@@ -31,7 +31,7 @@ def make_case(folder: Path, seed: int, frames_per_sweep: int) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m training.demo", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m training demo", description=__doc__.splitlines()[0])
     parser.add_argument("--folder", type=Path, default=Path("demo_output"))
     parser.add_argument("--seed", type=int, default=2025)
     parser.add_argument("--frames-per-sweep", type=int, default=140)

@@ -8,7 +8,7 @@ the threshold sweep of the mask-size rule -> the algorithm on every whole test c
 `demo-weights` makes the bundled CPU demo weights: a replica dataset, prepared, the small configuration
 trained from scratch on the CPU (all encoder weights trainable), saved as a checkpoint with the provenance
 "replica-trained demo weights, not for clinical use". `--check` then runs `python -m algorithm` on fresh
-replica cases (seed 424242, never used for training) and scores them with `python -m training.evaluate`.
+replica cases (seed 424242, never used for training) and scores them with `python -m training evaluate`.
 
 The demo budget (2 shared CPU cores): a training step costs ~0.3 CPU-s per frame, almost all of it the
 decoder's convolutions at 224 px, so the recipe spends decoder passes where they teach most:
@@ -271,7 +271,7 @@ def cli_case_folder(data: Path, uuid: str, folder: Path) -> Path:
 def check_weights(weights: Path, work: Path, cases: int = 4, seed: int = CHECK_SEED,
                   frames_per_sweep: int = 140, device: str = "cpu", threads: int | None = None) -> dict[str, Any]:
     """The acceptance check: replica cases (seed 424242), `python -m algorithm` on each through its CLI,
-    then `python -m training.evaluate`. Returns the evaluation report."""
+    then `python -m training evaluate`. Returns the evaluation report."""
     from training.evaluate import evaluate
     from training.replica import write_dataset
 
@@ -369,3 +369,102 @@ def demo_weights(args: argparse.Namespace) -> int:
     print(json.dumps(result, indent=2))
     return 0
 
+
+# ------------------------------------------------------------------------------------------ commands
+
+def reproduce_parser() -> argparse.ArgumentParser:
+    from training.modes import FETALCLIP_MODES
+    from training.train import add_recipe_arguments
+
+    rep = argparse.ArgumentParser(prog="python -m training reproduce",
+                                  description="prepare -> train every mode -> frame table, threshold sweep -> "
+                                              "challenge score -> report")
+    rep.add_argument("--data", type=Path, required=True, help="release-layout folder (real or replica)")
+    rep.add_argument("--out", type=Path, required=True)
+    rep.add_argument("--prepared", type=Path, help="reuse / write prepared data here (default OUT/prepared)")
+    rep.add_argument("--modes", nargs="+", default=list(FETALCLIP_MODES), choices=list(FETALCLIP_MODES) + ["cls"])
+    rep.add_argument("--baselines", nargs="+", metavar="NAME",
+                     help="also train these baselines (training.baselines: densenet, swin, clip_openai, ... or "
+                          "a timm name); weights from --pretrained hub, or NAME.safetensors / NAME.pth in "
+                          "--baseline-weights")
+    rep.add_argument("--baseline-weights", type=Path, help="folder of local baseline weights, one file per name")
+    rep.add_argument("--all-sweeps", action="store_true", help="prepare every sweep, not only those with an AC")
+    rep.add_argument("--replica", action=argparse.BooleanOptionalAction, default=None,
+                     help="the data is the replica (default: detected)")
+    rep.add_argument("--skip-cases", action="store_true", help="no whole-case inference / challenge score")
+    add_recipe_arguments(rep)
+    rep.set_defaults(trials=5)  # the paper's five trials
+
+    return rep
+
+
+def demo_weights_parser() -> argparse.ArgumentParser:
+    demo = argparse.ArgumentParser(prog="python -m training demo-weights",
+                                   description="train the bundled small replica weights on the CPU")
+    demo.add_argument("--out", type=Path, default=DEMO_WEIGHTS)
+    demo.add_argument("--work", type=Path, default=REPO / "build" / "demo_weights")
+    demo.add_argument("--cases", type=int, default=60)
+    demo.add_argument("--frames-per-sweep", type=int, default=48)
+    demo.add_argument("--seed", type=int, default=2025)
+    demo.add_argument("--epochs", type=int, default=42)
+    demo.add_argument("--batch-size", type=int, default=8)
+    demo.add_argument("--lr", type=float, default=1e-3)
+    demo.add_argument("--warmup-steps", type=int, default=50)
+    demo.add_argument("--negatives-per-positive", type=float, default=0.75)
+    demo.add_argument("--head-negatives-per-positive", type=float, default=4.0,
+                      help="extra negatives per positive for the frame head only (no decoder pass)")
+    demo.add_argument("--mine-epochs", type=int, default=0,
+                      help="then fine-tune this many epochs with hard-negative mining (default 0: none)")
+    demo.add_argument("--hard-negatives", type=float, default=0.5,
+                      help="stage 2: fraction of the negatives drawn by the frame head's P(abdomen)")
+    demo.add_argument("--mine-lr", type=float, default=3e-4)
+    demo.add_argument("--val-max-frames", type=int, default=160)
+    demo.add_argument("--fractions", type=float, nargs=3, default=(0.85, 0.1, 0.05))
+    demo.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
+    demo.add_argument("--threads", type=int, default=1,
+                      help="torch CPU threads (1: a third of the CPU time of 2 on a shared machine)")
+    demo.add_argument("--max-steps", type=int)
+    demo.add_argument("--resume", action="store_true")
+    demo.add_argument("--check", action="store_true", help="then score the weights on replica cases seed 424242")
+    demo.add_argument("--check-cases", type=int, default=4)
+    return demo
+
+
+def _run(command, args: argparse.Namespace) -> int:
+    """A recipe with its exit codes: a snapshot that cannot be resumed is exit 2; processes shut down."""
+    from training.distributed import shutdown
+    from training.snapshot import SnapshotError
+
+    try:
+        return command(args)
+    except SnapshotError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        shutdown()
+
+
+def reproduce_main(argv: Sequence[str] | None = None) -> int:
+    """`python -m training reproduce` (also under torchrun)."""
+    from algorithm.runtime import choose_precision, resolve_device
+    from training.train import configure_logging
+
+    configure_logging()
+    parser = reproduce_parser()
+    args = parser.parse_args(argv)
+    try:
+        choose_precision(args.precision, resolve_device(args.device))
+    except ValueError as exc:
+        parser.error(str(exc))
+    return _run(reproduce, args)
+
+
+def demo_weights_main(argv: Sequence[str] | None = None) -> int:
+    """`python -m training demo-weights`."""
+    from training.train import configure_logging
+
+    configure_logging()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = demo_weights_parser().parse_args(argv)
+    args.argv = argv
+    return _run(demo_weights, args)

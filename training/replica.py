@@ -1126,7 +1126,7 @@ def _at_least(minimum: int):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m training.replica", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m training replica", description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="output folder (release layout)")
     parser.add_argument("--cases", type=_at_least(1), required=True)
     parser.add_argument("--frames-per-sweep", type=_at_least(MIN_FRAMES_PER_SWEEP), default=REAL_FRAMES_PER_SWEEP)

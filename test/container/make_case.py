@@ -2,7 +2,7 @@
 
     python test/container/make_case.py --source DIR --case-dir test/cases/normal
 
-`--source` is a folder written by `python -m training.replica --cases 1` (public release layout:
+`--source` is a folder written by `python -m training replica --cases 1` (public release layout:
 `DIR/images/stacked_fetal_ultrasound/<uuid>.mha`). The case folder gets
 
     <case-dir>/input/images/stacked-fetal-ultrasound/<uuid>.mha

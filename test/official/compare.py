@@ -1,4 +1,4 @@
-"""Score the same cases with `python -m training.evaluate --official` and with the official code itself,
+"""Score the same cases with `python -m training evaluate --official` and with the official code itself,
 and list every per-case value on which they differ by more than 1e-9.
 
     .venv/bin/python test/official/compare.py --checkout DIR --official-python PY --work DIR [--random N] [--seed S]
@@ -68,7 +68,7 @@ def compare(ours: dict, theirs: dict) -> tuple[int, list[str]]:
 def run_both(checkout: Path, official_python: str, ground_truth: Path, predictions: Path, work: Path) -> tuple[dict, dict]:
     """Our --official report (with the checkout's FOV mask) and the official code's per-case results."""
     ours_json, theirs_json = work / "ours.json", work / "official.json"
-    subprocess.run([sys.executable, "-m", "training.evaluate", "--official", "--predictions", str(predictions),
+    subprocess.run([sys.executable, "-m", "training", "evaluate", "--official", "--predictions", str(predictions),
                     "--ground-truth", str(ground_truth), "--fov-mask", str(checkout / "data" / "fov_mask.mha"),
                     "--json", str(ours_json)], cwd=REPO, check=True, capture_output=True, text=True)
     subprocess.run([official_python, str(HERE / "run_official.py"), "--checkout", str(checkout),

@@ -1,6 +1,6 @@
 """Test-set benchmark: run the algorithm on every case of a folder, score it, report clinical agreement.
 
-    python -m training.benchmark --cases DIR --out DIR [--ground-truth DIR] [--runner local|docker|grand-challenge]
+    python -m training benchmark --cases DIR --out DIR [--ground-truth DIR] [--runner local|docker|grand-challenge]
 
 Runners (one module each, loaded only when used):
   local            `local.LocalRunner`: in this process, the model loaded once (outputs = the CLI's)
