@@ -131,7 +131,7 @@ def challenge_table(rows: dict[str, dict[str, Any]]) -> str:
 def reproduce_runs(args: argparse.Namespace, prepared: Path) -> list[tuple[str, Any]]:
     """(report name, TrainConfig) of every mode and baseline `reproduce` trains, in order."""
     from training.modes import canonical_mode
-    from training.train import TrainConfig, recipe_from_args
+    from training.params import TrainConfig, recipe_from_args
 
     recipe = recipe_from_args(args)
     # --train-encoder (default for the small config without FetalCLIP weights) replaces LoRA in our mode only:
@@ -299,7 +299,8 @@ def demo_weights(args: argparse.Namespace) -> int:
     from algorithm.runtime import choose_precision
     from training.replica import write_dataset
     from training.prepare import describe, prepare
-    from training.train import CHECKPOINT_NAME, TrainConfig, train
+    from training.params import TrainConfig, sampling_from_args, schedule_from_args
+    from training.train import CHECKPOINT_NAME, train
 
     if args.seed == CHECK_SEED:
         raise SystemExit(f"--seed {CHECK_SEED} makes the acceptance cases; train on another seed")
@@ -320,11 +321,8 @@ def demo_weights(args: argparse.Namespace) -> int:
     precision = choose_precision(args.precision, "cpu")
     # The demo recipe: our decoder, every frame once per epoch (augmented online), whatever the defaults.
     cfg = TrainConfig(prepared=prepared, out=work / "train", mode="fixed", config="small", train_encoder=True,
-                      decoder="unetr", augment_copies=0, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, device="cpu", precision=precision,
-                      seed=args.seed, resume=args.resume, negatives_per_positive=args.negatives_per_positive,
-                      mask_ce_weight=1.0, val_max_frames=args.val_max_frames, replica=True,
-                      max_steps=args.max_steps, warmup_steps=args.warmup_steps,
-                      head_negatives_per_positive=args.head_negatives_per_positive, threads=args.threads)
+                      decoder="unetr", augment_copies=0, device="cpu", precision=precision, mask_ce_weight=1.0,
+                      replica=True, **schedule_from_args(args), **sampling_from_args(args))
     summary = train(cfg)
     final = work / "train" / CHECKPOINT_NAME
     epochs = f"{summary['trials'][0]['epochs_trained']} epochs"
@@ -374,7 +372,7 @@ def demo_weights(args: argparse.Namespace) -> int:
 
 def reproduce_parser() -> argparse.ArgumentParser:
     from training.modes import FETALCLIP_MODES
-    from training.train import add_recipe_arguments
+    from training.params import add_recipe_arguments
 
     rep = argparse.ArgumentParser(prog="python -m training reproduce",
                                   description="prepare -> train every mode -> frame table, threshold sweep -> "
@@ -399,34 +397,29 @@ def reproduce_parser() -> argparse.ArgumentParser:
 
 
 def demo_weights_parser() -> argparse.ArgumentParser:
+    """The shared schedule and sampling options with the demo recipe's defaults, plus its own."""
+    from training.params import add_sampling_arguments, add_schedule_arguments
+
     demo = argparse.ArgumentParser(prog="python -m training demo-weights",
                                    description="train the bundled small replica weights on the CPU")
     demo.add_argument("--out", type=Path, default=DEMO_WEIGHTS)
     demo.add_argument("--work", type=Path, default=REPO / "build" / "demo_weights")
     demo.add_argument("--cases", type=int, default=60)
     demo.add_argument("--frames-per-sweep", type=int, default=48)
-    demo.add_argument("--seed", type=int, default=2025)
-    demo.add_argument("--epochs", type=int, default=42)
-    demo.add_argument("--batch-size", type=int, default=8)
-    demo.add_argument("--lr", type=float, default=1e-3)
-    demo.add_argument("--warmup-steps", type=int, default=50)
-    demo.add_argument("--negatives-per-positive", type=float, default=0.75)
-    demo.add_argument("--head-negatives-per-positive", type=float, default=4.0,
-                      help="extra negatives per positive for the frame head only (no decoder pass)")
+    demo.add_argument("--fractions", type=float, nargs=3, default=(0.85, 0.1, 0.05))
+    add_schedule_arguments(demo)
+    add_sampling_arguments(demo)
+    demo.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
     demo.add_argument("--mine-epochs", type=int, default=0,
                       help="then fine-tune this many epochs with hard-negative mining (default 0: none)")
     demo.add_argument("--hard-negatives", type=float, default=0.5,
                       help="stage 2: fraction of the negatives drawn by the frame head's P(abdomen)")
     demo.add_argument("--mine-lr", type=float, default=3e-4)
-    demo.add_argument("--val-max-frames", type=int, default=160)
-    demo.add_argument("--fractions", type=float, nargs=3, default=(0.85, 0.1, 0.05))
-    demo.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
-    demo.add_argument("--threads", type=int, default=1,
-                      help="torch CPU threads (1: a third of the CPU time of 2 on a shared machine)")
-    demo.add_argument("--max-steps", type=int)
-    demo.add_argument("--resume", action="store_true")
     demo.add_argument("--check", action="store_true", help="then score the weights on replica cases seed 424242")
     demo.add_argument("--check-cases", type=int, default=4)
+    # one torch thread: on a CPU shared with other jobs it did the work of two for a third of the CPU time
+    demo.set_defaults(seed=2025, epochs=42, batch_size=8, lr=1e-3, warmup_steps=50, threads=1,
+                      negatives_per_positive=0.75, head_negatives_per_positive=4.0, val_max_frames=160)
     return demo
 
 
