@@ -6,7 +6,6 @@ format: every contract property must hold whatever the network predicts.
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -57,11 +56,10 @@ def case_from_array(root: Path, array: np.ndarray, name: str = "case.mha", spaci
 
 
 def release_case_to_input(release: Path, uuid: str, root: Path) -> Path:
-    """Move one case of a release-layout folder into a grand-challenge /input layout."""
-    from training.layout import image_path
+    """Copy one case of a release-layout folder into a grand-challenge /input layout."""
+    from training.layout import image_path, stage_case
 
-    (root / INPUT_FOLDER).mkdir(parents=True, exist_ok=True)
-    shutil.copy(image_path(release, uuid), root / INPUT_FOLDER / f"{uuid}.mha")
+    stage_case(image_path(release, uuid), root, how="copy")
     return root
 
 

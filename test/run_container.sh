@@ -14,7 +14,7 @@
 #                 checkpoint; staged as the model tarball's contents (mounted at /opt/ml/model), and baked
 #                 into a copy of the exec image by ./export.sh -w
 #   5. cases    - one 840-frame replica case, one without abdomen, one broken file, each laid out as a job's
-#                 inputs (images/stacked-fetal-ultrasound/<uuid>.mha + inputs.json); the host runs
+#                 inputs (the image in the input socket's folder + inputs.json); the host runs
 #   6. exec     - the image as PID 1 (docker run): without weights it refuses (exit 3); `docker stop` in the
 #                 middle of a case ends it within STOP_LIMIT seconds; then test/container/shim.py plays the
 #                 platform's shim in the container (as its PID 1, root): per job /input re-pointed as a
@@ -235,8 +235,9 @@ make_case() {  # make_case NAME SEED [replica args...]; reuses a case generated 
 make_case normal 11 --frames-per-sweep 140
 make_case no-abdomen 12 --no-abdomen --frames-per-sweep "${NO_ABDOMEN_FRAMES_PER_SWEEP:-50}"
 # Bad input: a file that claims to be an image and is not (exit 2 in exec mode, 422 in invoke mode).
-rm -rf "$CASES_DIR/broken"; mkdir -p "$CASES_DIR/broken/input/images/stacked-fetal-ultrasound"
-printf 'ObjectType = Image\nNDims = 3\nthis is not an image\n' >"$CASES_DIR/broken/input/images/stacked-fetal-ultrasound/broken.mha"
+INPUT_FOLDER="$("$PY" -c 'from algorithm.contract import INPUT_FOLDER; print(INPUT_FOLDER)')"
+rm -rf "$CASES_DIR/broken"; mkdir -p "$CASES_DIR/broken/input/$INPUT_FOLDER"
+printf 'ObjectType = Image\nNDims = 3\nthis is not an image\n' >"$CASES_DIR/broken/input/$INPUT_FOLDER/broken.mha"
 cp "$CASES_DIR/normal/input/inputs.json" "$CASES_DIR/broken/input/inputs.json"
 chmod -R a+rX "$CASES_DIR/broken"
 JOB_CASES=(normal no-abdomen broken)

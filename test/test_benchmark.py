@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from algorithm.contract import OUTPUT_FRAME, OUTPUT_MASK, Stack, write_outputs
+from algorithm.contract import INPUT_FOLDER, INPUT_SLUG, OUTPUT_FRAME, OUTPUT_MASK, Stack, write_outputs
 from training import layout
 from training.agreement import bland_altman, plot_bland_altman
 from training.benchmark.cases import discover_cases, is_complete
@@ -210,8 +210,8 @@ def test_stage_input_layout(tmp_path, dataset):
 
     assert find_input_image(staged).name == f"{uuids[0]}.mha"
     sockets = json.loads((staged / "inputs.json").read_text())
-    assert sockets[0]["interface"]["slug"] == "stacked-fetal-ultrasound"
-    assert sockets[0]["interface"]["relative_path"] == "images/stacked-fetal-ultrasound"
+    assert sockets[0]["interface"]["slug"] == INPUT_SLUG
+    assert sockets[0]["interface"]["relative_path"] == str(INPUT_FOLDER)
 
 
 # ------------------------------------------------------------------------------------------ run loop

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from algorithm.contract import OUTPUT_FRAME, OUTPUT_MASK
+from algorithm.contract import INPUT_FOLDER, OUTPUT_FRAME, OUTPUT_MASK
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -69,7 +69,7 @@ def test_small_case_contract_and_extras(small_case, random_weights, tmp_path):
     output = tmp_path / "out"
     completed = run_cli("--input", str(case), "--output", str(output), "--weights", str(random_weights),
                         "--device", "cpu", check=True)
-    frame = assert_contract(next((case / "images" / "stacked-fetal-ultrasound").glob("*.mha")), output)
+    frame = assert_contract(next((case / INPUT_FOLDER).glob("*.mha")), output)
     result = json.loads((output / "fetalclipseg" / "result.json").read_text())
     assert result["frame"] == frame
     assert len(result["sweep_candidates"]) == 6
@@ -95,7 +95,7 @@ def test_full_case_contract_deterministic_and_input_untouched(full_case, random_
         output = tmp_path / f"out{run}"
         peaks.append(run_cli_peak_rss("--input", str(case), "--output", str(output), "--weights",
                                       str(random_weights), "--device", "cpu", "--no-extras"))
-        assert_contract(next((case / "images" / "stacked-fetal-ultrasound").glob("*.mha")), output)
+        assert_contract(next((case / INPUT_FOLDER).glob("*.mha")), output)
         digests.append(tree_digest(output))
     assert digests[0] == digests[1]
     assert tree_digest(case) == before

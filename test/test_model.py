@@ -553,7 +553,7 @@ def test_checkpoints_written_before_the_decoder_options_keep_their_meaning(tmp_p
 
 
 def test_bundled_demo_weights_load_as_our_decoder():
-    from algorithm.weights import BUNDLED
+    from algorithm.weights_location import BUNDLED
 
     model, info = load_checkpoint(BUNDLED / "fetalclipseg_small_replica.safetensors")
     assert info.config.decoder == "unetr" and info.config.frame_head == "norm-linear"

@@ -13,8 +13,8 @@ from pathlib import Path
 
 from algorithm.__main__ import main as run_algorithm
 from algorithm.contract import INPUT_FOLDER
+from training.layout import image_path, stage_case
 from training.replica import write_dataset
-from training.layout import IMAGES_DIR
 
 
 def make_case(folder: Path, seed: int, frames_per_sweep: int) -> Path:
@@ -25,8 +25,7 @@ def make_case(folder: Path, seed: int, frames_per_sweep: int) -> Path:
         return case_dir
     release = folder / "release"
     uuid = write_dataset(release, cases=1, frames_per_sweep=frames_per_sweep, seed=seed)[0]
-    (case_dir / INPUT_FOLDER).mkdir(parents=True, exist_ok=True)
-    (release / IMAGES_DIR / f"{uuid}.mha").replace(case_dir / INPUT_FOLDER / f"{uuid}.mha")
+    stage_case(image_path(release, uuid), case_dir, how="move")
     return case_dir
 
 

@@ -3,8 +3,8 @@
     python -m training evaluate --predictions DIR --ground-truth DIR [--json FILE] [--fov-mask FILE] [--official]
 
 `--predictions` holds one folder per case, named by the case uuid, laid out like the algorithm's /output:
-`images/fetal-abdomen-segmentation/<one>.mha` (the (Z, H, W) output stack, or a single (H, W) mask) and
-`fetal-abdomen-frame-number.json` (an integer, -1 = no frame). `--ground-truth` is a release-layout folder
+the mask socket's folder holding one .mha (the (Z, H, W) output stack, or a single (H, W) mask) and the
+frame-number JSON (an integer, -1 = no frame), as `algorithm.contract` names them. `--ground-truth` is a release-layout folder
 (`training.layout`): masks/stacked_fetal_abdomen/<uuid>.mha, the per-sweep reference AC CSV and, unless
 `--fov-mask` is given, images/stacked_fetal_ultrasound/<uuid>.mha from which each case's FOV is derived.
 

@@ -62,19 +62,18 @@ MAX_DEMO_BYTES = 20 * 1024 * 1024
 def predict_cases(weights: Path, data: Path, uuids: Sequence[str], out: Path, device: str = "auto",
                   overrides: dict[str, Any] | None = None, progress: bool = True) -> dict[str, Any]:
     """The algorithm on whole cases of a release-layout folder, in process (one model load), written in the
-    grand-challenge output layout: out/<uuid>/{images/fetal-abdomen-segmentation/output.mha, frame json}."""
+    grand-challenge output layout: out/<uuid>/{contract.OUTPUT_MASK, contract.OUTPUT_FRAME}."""
     from tqdm import tqdm
 
-    from algorithm.contract import read_stack, write_outputs
-    from algorithm.inference import load_predictor
+    from algorithm.contract import read_stack
+    from algorithm.run import load, process_case
 
-    predictor, checkpoint = load_predictor(weights, {"device": device, **(overrides or {})})
+    predictor, checkpoint = load(weights, {"device": device, **(overrides or {})})
     timings = {}
     for uuid in tqdm(uuids, desc="test cases", unit="case", disable=not progress):
         started = time.perf_counter()
         stack = read_stack(layout.image_path(data, uuid))
-        result = predictor.predict(stack.array)
-        write_outputs(out / uuid, stack, result.frame, result.mask)
+        result, _ = process_case(predictor, checkpoint, stack, out / uuid, extras=False)
         (out / uuid / "result.json").write_text(json.dumps(result.summary(), indent=2) + "\n")
         timings[uuid] = round(time.perf_counter() - started, 1)
     return {"checkpoint": checkpoint, "seconds_per_case": timings}
@@ -257,14 +256,12 @@ def reproduce(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------------ demo weights
 
 def cli_case_folder(data: Path, uuid: str, folder: Path) -> Path:
-    """A grand-challenge /input folder for one release case (note the dash: stacked-fetal-ultrasound)."""
+    """A grand-challenge /input folder for one release case (made once): a hard link to the release's image, or a
+    copy across file systems; the algorithm reads nothing linked from outside its input folder."""
     from algorithm.contract import INPUT_FOLDER
 
-    target = folder / INPUT_FOLDER
-    target.mkdir(parents=True, exist_ok=True)
-    link = target / f"{uuid}.mha"
-    if not link.exists():
-        os.symlink(layout.image_path(data, uuid).resolve(), link)
+    if not (folder / INPUT_FOLDER / f"{uuid}.mha").exists():
+        layout.stage_case(layout.image_path(data, uuid), folder, how="link")
     return folder
 
 
