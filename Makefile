@@ -23,14 +23,14 @@ demo: $(STAMP)
 # EXPECT_EMPTY=any: the current replica demo weights do not yet answer -1 on a case without abdomen, so
 # the container test checks the contract there, not the model's decision (see issue notes).
 test: $(STAMP)
-	API=both EXPECT_EMPTY=any bash test/run_container.sh
+	API=both EXPECT_EMPTY=any bash tools/run_container.sh
 	$(PY) -m pytest -q test
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q test -m "not slow"
 
 container-test: $(STAMP)
-	API=both EXPECT_EMPTY=any bash test/run_container.sh
+	API=both EXPECT_EMPTY=any bash tools/run_container.sh
 
 benchmark: $(STAMP)
 	$(PY) -m training speed --config small --json build/benchmark.json

@@ -469,7 +469,7 @@ def test_docker_runner_matches_local(dataset, random_weights, local_run, tmp_pat
     if shutil.which("docker") is None or not engine_answers():
         pytest.skip("no Docker engine answers")
     if not image_exists(DEFAULT_IMAGE):
-        pytest.skip(f"image {DEFAULT_IMAGE} not built (bash test/run_container.sh)")
+        pytest.skip(f"image {DEFAULT_IMAGE} not built (bash tools/run_container.sh)")
     release, _, uuids = dataset
     local_out, _ = local_run
     out = tmp_path / "out"
@@ -478,7 +478,7 @@ def test_docker_runner_matches_local(dataset, random_weights, local_run, tmp_pat
     failures = (out / "failures.json").read_text()
     if "weights do not match its config" in failures:
         pytest.skip(f"{DEFAULT_IMAGE} was built from other model code than this tree: rebuild it "
-                    "(bash test/run_container.sh)")
+                    "(bash tools/run_container.sh)")
     assert status == 0, failures
     uuid = sorted(uuids)[0]
     assert frame_of(out / "predictions" / uuid) == frame_of(local_out / "predictions" / uuid)

@@ -25,7 +25,7 @@ from training.replica import sector_fov
 
 REPO = Path(__file__).resolve().parents[1]
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE / "official"))
+sys.path.insert(0, str(REPO / "tools" / "official"))
 from cases import ellipse  # noqa: E402  (full-size 562 x 744 frames)
 
 FOV = sector_fov()  # the replica's sector: the challenge's FOV to 7 pixels
@@ -269,7 +269,7 @@ def _official_code_runs() -> str | None:
 @pytest.mark.slow
 @pytest.mark.skipif(_official_code_runs() is not None, reason=str(_official_code_runs()))
 def test_official_mode_equals_the_official_code(tmp_path):
-    """Every hand-built case of test/official/cases.py, plus 3 random ones: each per-case value the official
+    """Every hand-built case of tools/official/cases.py, plus 3 random ones: each per-case value the official
     code computes (its overlap measures, DSC_soft, nearest frame, HD, WFSS, NAE) and both ACs, to 1e-9;
     and the same cases on which it raises."""
     from cases import hand_built, random_cases, write_cases

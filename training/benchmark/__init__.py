@@ -14,5 +14,5 @@ This package imports nothing heavy at import time, so `python -m training.benchm
 """
 from __future__ import annotations
 
-DEFAULT_IMAGE = "acouslic-fetalclipseg:test"  # the tag test/run_container.sh builds; export.sh builds :latest
+DEFAULT_IMAGE = "acouslic-fetalclipseg:test"  # the tag tools/run_container.sh builds; export.sh builds :latest
 RUNNERS = ("local", "docker", "grand-challenge")

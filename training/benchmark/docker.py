@@ -1,7 +1,7 @@
 """Docker runner: the built submission image, one `docker run` per case, the way grand-challenge runs it.
 
 Each case is staged as grand-challenge mounts /input (the image in its socket's folder plus an `inputs.json`
-naming the socket: `training.layout.stage_case`) and run with the restrictions of test/run_container.sh: no network,
+naming the socket: `training.layout.stage_case`) and run with the restrictions of tools/run_container.sh: no network,
 read-only /input, read-only root file system with a fresh /tmp volume, a memory limit, all capabilities
 dropped, no-new-privileges, the image's own non-root user, `--gpus all` only where `nvidia-smi` works,
 and the weights (when given) mounted read-only at /opt/ml/model like grand-challenge's model tarball.
@@ -135,7 +135,7 @@ class DockerRunner:
         if shutil.which("docker") is None or not engine_answers():
             raise RuntimeError("no Docker engine answers (`docker info` failed)")
         if not image_exists(self.image):
-            raise RuntimeError(f"image {self.image} not found: build it (test/run_container.sh or ./export.sh)")
+            raise RuntimeError(f"image {self.image} not found: build it (tools/run_container.sh or ./export.sh)")
         if self.gpus is None:
             self.gpus = gpu_available()
         user = _docker("run", "--rm", "--network", "none", "--entrypoint", "id", self.image, "-u").stdout.strip()

@@ -1,8 +1,8 @@
 """Score the same cases with `python -m training evaluate --official` and with the official code itself,
 and list every per-case value on which they differ by more than 1e-9.
 
-    .venv/bin/python test/official/compare.py --checkout DIR --official-python PY --work DIR [--random N] [--seed S]
-    .venv/bin/python test/official/compare.py --checkout DIR --official-python PY --work DIR \
+    .venv/bin/python tools/official/compare.py --checkout DIR --official-python PY --work DIR [--random N] [--seed S]
+    .venv/bin/python tools/official/compare.py --checkout DIR --official-python PY --work DIR \
         --ground-truth G --predictions P
 
 `--checkout` is a clone of DIAGNijmegen/ACOUSLIC-AI-evaluation-method, `--official-python` an interpreter

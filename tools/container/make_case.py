@@ -1,6 +1,6 @@
 """Lay out one generated replica case the way grand-challenge mounts it at /input.
 
-    python test/container/make_case.py --source DIR --case-dir test/cases/normal
+    python tools/container/make_case.py --source DIR --case-dir test/cases/normal
 
 `--source` is a folder written by `python -m training replica --cases 1` (public release layout). The case
 folder gets the image staged by `training.layout.stage_case` (moved into the input socket's folder, with an
