@@ -1,6 +1,7 @@
 # Two commands do everything on a fresh machine:
 #   make demo   - creates .venv if missing, generates a replica case, runs the algorithm on it
-#   make test   - creates .venv if missing, runs the whole test suite (container test included)
+#   make test   - creates .venv if missing, runs the whole test suite; the container test runs when a Docker
+#                 engine answers (INSTALL_DOCKER=1 lets it install and start one, as CI does; needs root)
 PY := .venv/bin/python
 STAMP := .venv/.installed
 
@@ -19,9 +20,9 @@ demo: $(STAMP)
 
 # The container test runs first: it builds the image from this tree in both variants (API=both: exec and
 # invoke), and the docker runner test of test/test_benchmark.py then compares the exec image with the
-# local runner.
-# EXPECT_EMPTY=any: the current replica demo weights do not yet answer -1 on a case without abdomen, so
-# the container test checks the contract there, not the model's decision (see issue notes).
+# local runner. Without a Docker engine it says so and is skipped (tools/run_container.sh).
+# EXPECT_EMPTY=any: the bundled replica demo weights do not yet answer -1 on a case without abdomen, so
+# the container test checks the contract there, not the model's decision.
 test: $(STAMP)
 	API=both EXPECT_EMPTY=any bash tools/run_container.sh
 	$(PY) -m pytest -q test
