@@ -1,4 +1,4 @@
-"""Issue 6's catalogue: invalid inputs fail with one clear line and a documented exit code, leaving the
+"""The catalogue of bad inputs: invalid inputs fail with one clear line and a documented exit code, leaving the
 output folder empty; odd but valid inputs give outputs that honour the contract."""
 from __future__ import annotations
 

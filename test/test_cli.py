@@ -85,4 +85,4 @@ def test_full_case_contract_deterministic_and_input_untouched(full_case, random_
     peak_gib = max(peaks)
     print(f"peak resident memory of one CPU run on an 840-frame case: {peak_gib:.2f} GiB "
           f"({peak_gib * 2**30 / 1e9:.2f} GB)")
-    assert peak_gib * 2**30 < 3e9  # issue 6: under 3 GB with the small model
+    assert peak_gib * 2**30 < 3e9  # under 3 GB with the small model

@@ -28,7 +28,8 @@ def test_every_way_of_staging_gives_a_case_the_algorithm_finds(tmp_path, image, 
     assert staged == tmp_path / "input" / INPUT_FOLDER / "case.mha"
     assert staged.read_bytes() == original
     sockets = json.loads((tmp_path / "input" / INPUTS_JSON).read_text())
-    assert [(s["interface"]["slug"], s["interface"]["relative_path"]) for s in sockets] == [(INPUT_SLUG, str(INPUT_FOLDER))]
+    named = [(s["interface"]["slug"], s["interface"]["relative_path"]) for s in sockets]
+    assert named == [(INPUT_SLUG, str(INPUT_FOLDER))]
     assert sockets[0]["image"]["name"] == "case.mha"
     assert image.exists() == (how != "move")
     assert staged.is_symlink() == (how == "symlink")

@@ -50,7 +50,7 @@ def save_published(clip: torch.nn.Module, path: Path, wrapped: bool = True) -> N
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
-    """Tiny tensors on a shared 2-core machine: intra-op threads mostly wait on each other (20x slower here)."""
+    """Tiny tensors: with several intra-op threads they mostly wait on each other, so use one."""
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -42,7 +42,8 @@ def test_train_and_reproduce_read_the_recipe_options_the_same_way(tmp_path):
     recipe, reproduced = recipe_from_args(train_args), recipe_from_args(reproduce_args)
     assert (recipe.pop("trials"), reproduced.pop("trials")) == (1, 5)  # reproduce: the paper's five trials
     assert recipe == reproduced
-    assert (recipe["epochs"], recipe["batch_size"], recipe["lr"], recipe["negatives_per_positive"]) == (3, 4, 0.002, 0.5)
+    chosen = (recipe["epochs"], recipe["batch_size"], recipe["lr"], recipe["negatives_per_positive"])
+    assert chosen == (3, 4, 0.002, 0.5)
 
 
 def test_demo_weights_shares_the_schedule_options_with_its_own_defaults(tmp_path):

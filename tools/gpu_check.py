@@ -245,7 +245,7 @@ def correctness(report: Report, device: str, quick: bool, seed: int, frames_per_
         stack = case.image
         figures["case"] = {"seed": seed, "frames": int(len(stack)), "weights": bundled_weights().name}
         # The reference decodes every frame (all mask fractions compared); --quick keeps the lazy decoder
-        # (same chosen frame by construction) to stay within minutes on a 2-core machine.
+        # (same chosen frame by construction) to stay within minutes on a small CPU.
         reference = predictor_for(bundled_weights(), "cpu", precision="fp32", coarse_stride=1,
                                   lazy_decoder="auto" if quick else "off").predict(stack)
         finite = np.isfinite(reference.scores.probabilities[reference.scores.scored]).all() and \

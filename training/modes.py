@@ -35,7 +35,7 @@ LEGACY_MODES = {"cls": "probe"}  # the linear probe's former name
 
 PAPER_LORA_TARGETS = ("c_fc", "c_proj", "out_proj")
 FIXED_LORA_TARGETS = ("c_fc", "c_proj", "attn")
-# The decoder of `fixed`. Measured on the replica (README, Training): see `FIXED_DECODER_NOTE`.
+# The decoder of `fixed` (`--decoder separable` is the lighter alternative; docs/training.md compares them).
 FIXED_DECODER = "unetr"
 
 

@@ -172,7 +172,8 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--prepared", type=Path, required=True, help="output of python -m training prepare")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--mode", default="fixed", choices=list(MODES) + ["cls"], help="cls: the former name of probe")
-    p.add_argument("--backbone", help="mode baseline: a name of training.baselines.BASELINES, timm, or open_clip:ARCH[@TAG]")
+    p.add_argument("--backbone",
+                   help="mode baseline: a name of training.baselines.BASELINES, timm, or open_clip:ARCH[@TAG]")
     add_recipe_arguments(p)
     p.add_argument("--init", type=Path, help="start from these weights (.safetensors or last.pt/best.pt)")
     p.add_argument("--weight-decay", type=float, default=0.01)

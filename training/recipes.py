@@ -10,25 +10,23 @@ trained from scratch on the CPU (all encoder weights trainable), saved as a chec
 "replica-trained demo weights, not for clinical use". `--check` then runs `python -m algorithm` on fresh
 replica cases (seed 424242, never used for training) and scores them with `python -m training evaluate`.
 
-The demo budget (2 shared CPU cores): a training step costs ~0.3 CPU-s per frame, almost all of it the
-decoder's convolutions at 224 px, so the recipe spends decoder passes where they teach most:
-* 60 cases of 48 frames per sweep (not 140): the same number of annotated runs per case, 3x fewer
+The recipe fits a small CPU: a training step's cost is almost all the decoder's convolutions at 224 px, so
+it spends decoder passes where they teach most:
+* 60 cases of 48 frames per sweep (not 140): the same number of annotated runs per case, fewer
   near-duplicate frames to generate, store and read; more cases = more abdomen shapes and backgrounds;
 * all sweeps prepared (`--all-sweeps`), so negatives include the skulls, bones and lift-off frames of the
   sweeps without an abdomen, which a whole-case run must reject;
 * per epoch every positive frame (once, augmented online), 0.75 decoded negatives per positive, and 4
-  head-only negatives per positive (encoder + frame head, no decoder: ~1/6 of the cost), see
+  head-only negatives per positive (encoder + frame head, no decoder: a fraction of the cost), see
   `training.sampling.MixedBatches`;
 * batch 8, AdamW 1e-3 with 50 warm-up steps (a from-scratch network, not LoRA on a pretrained one),
   Dice + cross-entropy for the mask, bf16 autocast where the CPU has bf16 units, one torch thread, NHWC;
-* 42 epochs, the one with the lowest validation loss kept (validation: 160 frames, positives first). The
-  frame head of a from-scratch encoder is the slow learner: its validation cross-entropy stays at chance
-  (~1.05) for the first ~12 epochs, while the mask is already usable, and only then falls.
+* 42 epochs, the one with the lowest validation loss kept (validation: 160 frames, positives first): the
+  frame head of a from-scratch encoder learns long after the mask is usable.
 * optionally (`--mine-epochs N`, off by default) N more epochs of hard-negative mining (training.mining)
   from the best of those weights, AdamW 3e-4, half of every negative draw taken from the negatives the
-  frame head still calls abdomen, again keeping the epoch with the lowest validation loss. Tried for the
-  30-epoch weights with N = 10 and not adopted: the acceptance cases (seed 424242) went from 0.673 to
-  0.975, but 16 other replica cases went from 0.818 to 0.713 (README, Training).
+  frame head still calls abdomen, again keeping the epoch with the lowest validation loss. Off by default
+  because it fixed the acceptance cases at the cost of other replica cases (docs/training.md).
 """
 from __future__ import annotations
 

@@ -22,7 +22,7 @@ AC the way the challenge does, with `algorithm.biometry`.
 Speed: frames are composed at half resolution (speckle is coarse anyway) and upsampled once. Speckle is
 partly drawn on the probe's beam grid, so the far field shows a convex probe's radial streaks, and is
 cross-faded between neighbouring frames, so consecutive frames are correlated like in a real sweep; all
-its linear steps run once per key field, not once per frame. A 840-frame case takes about 5-7 s on 2 cores.
+its linear steps run once per key field, not once per frame, so a full-size case takes seconds.
 """
 from __future__ import annotations
 
@@ -1136,7 +1136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.perf_counter()
     uuids = write_dataset(args.out, args.cases, args.frames_per_sweep, args.seed, abdomen=not args.no_abdomen)
     seconds = time.perf_counter() - started
-    # The per-case time doubles as the generator's benchmark (budget: 15 s for an 840-frame case on 2 cores).
+    # The per-case time doubles as the generator's benchmark (its budget: docs/replica.md).
     print(f"wrote {len(uuids)} case{'s' * (len(uuids) != 1)} of {SWEEPS_PER_CASE * args.frames_per_sweep} frames to {args.out} "
           f"in {seconds:.1f} s ({seconds / len(uuids):.1f} s per case)")
     return 0
