@@ -27,7 +27,7 @@
 # needs >= 580. grand-challenge does not publish its hosts' driver; SageMaker documents R470 for
 # ml.g4dn inference hosts, where no CUDA 12 build can use the GPU; if a host is below 525, the log's
 # WARNING (python -m algorithm, device honesty) says so and names the driver. A T4 (sm_75) is in
-# every build. test/run_container.sh substitutes a locally built stand-in (same Python packages,
+# every build. tools/run_container.sh substitutes a locally built stand-in (same Python packages,
 # Debian bookworm + /opt/venv) when this tag cannot be pulled.
 ARG BASE_IMAGE=pytorch/pytorch:2.14.1-cuda12.6-cudnn9-runtime
 ARG API=exec

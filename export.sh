@@ -35,6 +35,8 @@ WEIGHTS="${WEIGHTS:-}"
 MODEL="${MODEL:-}"
 TAG=""
 BUILD=1 SAVE=1
+# The algorithm's sockets as algorithm/contract.py names them (INPUT_SLUG, MASK_SLUG, FRAME_SLUG), for the summary
+SOCKETS="input stacked-fetal-ultrasound; outputs fetal-abdomen-segmentation, fetal-abdomen-frame-number"
 
 usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit "${1:-0}"; }
 while [ $# -gt 0 ]; do
@@ -131,5 +133,5 @@ if [ -n "$MODEL" ]; then
     log "  $MODEL_TAR  $(human "$(stat -c %s "$MODEL_TAR")")  (contents: $(tar -tzf "$MODEL_TAR" | tr '\n' ' '))"
     log "  -> grand-challenge: your algorithm > Models > Upload a model (unpacked to /opt/ml/model/)"
 fi
-log "sockets: input stacked-fetal-ultrasound; outputs fetal-abdomen-segmentation, fetal-abdomen-frame-number"
+log "sockets: $SOCKETS"
 log "settings: GPU required (T4, 16 GB), memory >= 16 GB; the container needs no network"

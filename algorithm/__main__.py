@@ -18,7 +18,7 @@ from . import __version__, signals
 from .contract import check_writable
 from .errors import AlgorithmError, Interrupted
 from .run import EXTRAS_DIR, load, output_lock, predict_case, read_case
-from .weights import resolve_weights
+from .weights_location import resolve_weights
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

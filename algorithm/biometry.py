@@ -21,7 +21,7 @@ parallel to the edge, a little inside it, and a fit that keeps it is flattened: 
 band for a mask 2-3 px short of the edge, where a 4 px band measures it as well as the drawn mask. 4 px is
 also how far the official scorer's erasure reaches (its FOV outline dilated three times by 3 x 3), so for a
 one-blob mask we fit the points it fits. A wider band would cover masks stopping further short but loses
-genuine wall next to the edge, which costs accuracy on noisy outlines. `python -m training.ellipse_study`
+genuine wall next to the edge, which costs accuracy on noisy outlines. `python -m training ellipse-study`
 measures this; the README gives the figures.
 
 Where we deliberately differ from the official code: it traces every contour of the masked image (holes

@@ -115,7 +115,7 @@ class InferenceConfig:
     refine_candidates: int = 2  # frames per sweep around which the coarse search refines
     # Frames whose mean grey level is below this are probe lift-off and are never encoded.
     liftoff_max_mean: float = 2.0
-    # --- speed (issue 7; measured in `python -m algorithm.benchmark`)
+    # --- speed (measured by `python -m training speed`)
     merge_lora: bool = True  # fold LoRA into the encoder weights at load: plain fused kernels, same outputs
     # Run the mask decoder only on frames that can be chosen (smoothed P(abdomen) may reach
     # `min_quality_probability`); the frame choice is the same as decoding all. auto = on (on CUDA the

@@ -1,8 +1,8 @@
 """The grand-challenge contract: find and read the input stack, write the outputs atomically.
 
 We do not use evalutils: it is retired (0.6 is an empty package) and its 0.4 algorithm classes cannot write
-into nested output folders such as `images/fetal-abdomen-segmentation/`. The contract is small enough to
-own: one input socket, two output sockets.
+into nested output folders such as our mask's. The contract is small enough to own: one input socket, two
+output sockets, named here and nowhere else.
 
 Reading is bounded and confined: nothing outside the input folder is read (paths are compared after
 resolving links, because on grand-challenge `/input` is itself a link to `/opt/ml/input/data/<job>-input`),
@@ -33,10 +33,14 @@ from .errors import InputError, OutputError
 
 log = logging.getLogger("algorithm")
 
+# The algorithm's sockets on grand-challenge: one image in, an image and a number out.
 INPUT_SLUG = "stacked-fetal-ultrasound"
-INPUT_FOLDER = Path("images") / INPUT_SLUG
-OUTPUT_MASK = Path("images") / "fetal-abdomen-segmentation" / "output.mha"
-OUTPUT_FRAME = Path("fetal-abdomen-frame-number.json")
+MASK_SLUG = "fetal-abdomen-segmentation"
+FRAME_SLUG = "fetal-abdomen-frame-number"
+INPUT_FOLDER = Path("images") / INPUT_SLUG  # the input image's folder under /input
+INPUTS_JSON = "inputs.json"  # grand-challenge's listing of a job's socket values, in /input
+OUTPUT_MASK = Path("images") / MASK_SLUG / "output.mha"
+OUTPUT_FRAME = Path(f"{FRAME_SLUG}.json")
 EXTRAS_DIR = Path("fetalclipseg")  # what we write for people, beside the sockets
 OUR_OUTPUTS = (OUTPUT_MASK, OUTPUT_FRAME, EXTRAS_DIR / "result.json", EXTRAS_DIR / "chosen_frame.png")
 IMAGE_SUFFIXES = (".mha", ".mhd", ".tif", ".tiff", ".nii", ".nii.gz")
@@ -55,6 +59,22 @@ MAX_ASPECT = 32  # longer side / shorter side of a frame
 MAX_PIXEL_BYTES = 2 * 1024**3  # the decoded pixel data: voxels x channels x bytes per value
 MAX_INPUTS_JSON_BYTES = 1024**2
 MAX_FOLDER_ENTRIES = 10_000  # files looked at in the socket folder
+
+
+def inputs_json(image_name: str) -> list[dict]:
+    """What grand-challenge writes to /input/inputs.json for a job of ours: the one image socket value."""
+    pk = 1000001
+    return [{
+        "pk": pk,
+        "url": f"https://grand-challenge.org/components/component-interface-values/{pk}/",
+        "file": None,
+        "image": {"pk": str(uuid.uuid5(uuid.NAMESPACE_URL, image_name)), "name": image_name},
+        "value": None,
+        "interface": {"pk": 588, "title": "Stacked Fetal Ultrasound",
+                      "description": "Stacked blind-sweep fetal abdominal ultrasound frames",
+                      "slug": INPUT_SLUG, "kind": "Image", "super_kind": "Image",
+                      "relative_path": str(INPUT_FOLDER), "default_value": None, "example_value": None},
+    }]
 
 
 @dataclass
@@ -97,7 +117,7 @@ def _folder_from_inputs_json(input_dir: Path, root: str) -> Path | None:
     not name a folder inside the input folder (or names two). Entries that are not socket objects cannot be
     ours: they are ignored with a warning.
     """
-    listing = input_dir / "inputs.json"
+    listing = input_dir / INPUTS_JSON
     if not os.path.lexists(listing):
         return None
     if not _inside(root, listing) or not listing.is_file():

@@ -3,7 +3,7 @@
 `Predictor` holds a loaded model and the configuration; `predict(stack)` returns everything a caller may
 want to write or show. Reading and writing files is the CLI's and `contract`'s job, not this module's.
 
-Speed (`python -m algorithm.benchmark` measures every item against the paper-style reference):
+Speed (`python -m training speed` measures every item against the paper-style reference):
 
 * LoRA is merged into the encoder weights at load (`InferenceConfig.merge_lora`). peft's adapter on
   `nn.MultiheadAttention` re-merges and unmerges the attention weights on every call and its Linear
@@ -14,7 +14,7 @@ Speed (`python -m algorithm.benchmark` measures every item against the paper-sty
   load, so autocast finds them already cast (under inference mode its cast cache never holds, and fp32
   weights would be converted again for every batch); norm and embedding parameters stay fp32, and autocast
   computes norms and softmax in fp32. The residual stream is in the half type, as under plain autocast
-  (open_clip casts the embeddings to the patch embedding's type); `test/gpu_check.py` measures the largest
+  (open_clip casts the embeddings to the patch embedding's type); `tools/gpu_check.py` measures the largest
   activation against fp16's range. On CPUs with AMX / AVX512-BF16 units the whole encoder runs in bf16
   without autocast.
 * Frames are encoded in batches under `torch.inference_mode`. On CUDA: the batch size comes from the free

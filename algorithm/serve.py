@@ -37,7 +37,7 @@ from . import __version__
 from .contract import check_writable, output_lock, remove_outputs
 from .errors import AlgorithmError, DeviceUnavailable, InputError, OutputError, WeightsError
 from .run import EXTRAS_DIR, load, predict_case, read_case
-from .weights import resolve_weights
+from .weights_location import resolve_weights
 
 log = logging.getLogger("algorithm")
 

@@ -6,7 +6,6 @@ format: every contract property must hold whatever the network predicts.
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -57,18 +56,17 @@ def case_from_array(root: Path, array: np.ndarray, name: str = "case.mha", spaci
 
 
 def release_case_to_input(release: Path, uuid: str, root: Path) -> Path:
-    """Move one case of a release-layout folder into a grand-challenge /input layout."""
-    from training.layout import image_path
+    """Copy one case of a release-layout folder into a grand-challenge /input layout."""
+    from training.layout import image_path, stage_case
 
-    (root / INPUT_FOLDER).mkdir(parents=True, exist_ok=True)
-    shutil.copy(image_path(release, uuid), root / INPUT_FOLDER / f"{uuid}.mha")
+    stage_case(image_path(release, uuid), root, how="copy")
     return root
 
 
 @pytest.fixture(scope="session")
 def full_case(tmp_path_factory) -> tuple[Path, Path, str]:
     """One full-size (840-frame) replica case: (input folder, release folder, uuid)."""
-    from training.phantom import write_dataset
+    from training.replica import write_dataset
 
     base = tmp_path_factory.mktemp("full_case")
     uuid = write_dataset(base / "release", cases=1, frames_per_sweep=140, seed=11)[0]
@@ -78,7 +76,7 @@ def full_case(tmp_path_factory) -> tuple[Path, Path, str]:
 @pytest.fixture(scope="session")
 def small_case(tmp_path_factory) -> tuple[Path, Path, str]:
     """One small replica case (6 sweeps x 12 frames): (input folder, release folder, uuid)."""
-    from training.phantom import write_dataset
+    from training.replica import write_dataset
 
     base = tmp_path_factory.mktemp("small_case")
     uuid = write_dataset(base / "release", cases=1, frames_per_sweep=12, seed=5)[0]

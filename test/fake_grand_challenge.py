@@ -19,7 +19,7 @@ the requests `training.benchmark.grand_challenge` makes through gcapi's own clie
 
 Jobs go Queued -> Executing Algorithm -> Succeeded or Failed, one at a time on a worker thread (like a
 queue with one GPU). The algorithm's outputs are "parsed" the way grand-challenge does it: the .mha under
-images/fetal-abdomen-segmentation/ becomes an image, the frame-number JSON a value; a missing output
+the mask socket's folder becomes an image, the frame-number JSON a value; a missing output
 fails the job. Every request is recorded (method, path, status, whether it carried the token) and faults
 can be injected: an HTTP status or a dropped connection on the n-th request matching a path.
 
@@ -51,9 +51,7 @@ from pathlib import Path
 from typing import Callable
 from urllib.parse import parse_qs, urlsplit
 
-INPUT_SLUG = "stacked-fetal-ultrasound"
-MASK_SLUG = "fetal-abdomen-segmentation"
-FRAME_SLUG = "fetal-abdomen-frame-number"
+from algorithm.contract import FRAME_SLUG, INPUT_FOLDER, INPUT_SLUG, MASK_SLUG, OUTPUT_FRAME, OUTPUT_MASK
 
 
 def _socket(pk: int, slug: str, title: str, kind: str, super_kind: str, relative_path: str) -> dict:
@@ -64,11 +62,11 @@ def _socket(pk: int, slug: str, title: str, kind: str, super_kind: str, relative
 
 SOCKETS = {
     INPUT_SLUG: _socket(588, INPUT_SLUG, "Stacked Fetal Ultrasound", "Image", "Image",
-                        "images/stacked-fetal-ultrasound"),
+                        str(INPUT_FOLDER)),
     MASK_SLUG: _socket(589, MASK_SLUG, "Fetal Abdomen Segmentation", "Segmentation", "Image",
-                       "images/fetal-abdomen-segmentation"),
+                       str(OUTPUT_MASK.parent)),
     FRAME_SLUG: _socket(590, FRAME_SLUG, "Fetal Abdomen Frame Number", "Integer", "Value",
-                        "fetal-abdomen-frame-number.json"),
+                        str(OUTPUT_FRAME)),
 }
 
 

@@ -1,4 +1,4 @@
-"""Issue 6's catalogue: invalid inputs fail with one clear line and a documented exit code, leaving the
+"""The catalogue of bad inputs: invalid inputs fail with one clear line and a documented exit code, leaving the
 output folder empty; odd but valid inputs give outputs that honour the contract."""
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from algorithm.__main__ import main
-from algorithm.contract import INPUT_FOLDER, OUTPUT_FRAME, OUTPUT_MASK
+from algorithm.contract import INPUT_FOLDER, INPUT_SLUG, OUTPUT_FRAME, OUTPUT_MASK
 from conftest import case_from_array
 from test_cli import assert_contract
 
@@ -54,7 +54,7 @@ def test_missing_input_folder(tmp_path, random_weights, capsys):
 
 def test_empty_input_folder(tmp_path, random_weights, capsys):
     (tmp_path / "in").mkdir()
-    expect_failure(capsys, EXIT_INPUT, tmp_path / "in", tmp_path / "out", random_weights, "stacked-fetal-ultrasound")
+    expect_failure(capsys, EXIT_INPUT, tmp_path / "in", tmp_path / "out", random_weights, INPUT_SLUG)
 
 
 def test_image_folder_without_image(tmp_path, random_weights, capsys):
@@ -194,7 +194,7 @@ def test_extra_unrelated_files(tmp_path, random_weights, small_case):
     (extra / "images" / "other-socket").mkdir()
     (extra / "images" / "other-socket" / "x.mha").write_bytes(b"junk")
     (extra / "inputs.json").write_text(json.dumps([
-        {"interface": {"slug": "stacked-fetal-ultrasound", "relative_path": "images/stacked-fetal-ultrasound"}},
+        {"interface": {"slug": INPUT_SLUG, "relative_path": str(INPUT_FOLDER)}},
         {"interface": {"slug": "other-socket", "relative_path": "images/other-socket"}}]))
     assert run(extra, tmp_path / "out", random_weights) == 0
     assert_contract(image_of(extra), tmp_path / "out")

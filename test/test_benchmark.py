@@ -1,4 +1,4 @@
-"""`python -m training.benchmark`: runners, resume, failures, scoring report, Bland-Altman, gcapi end to end.
+"""`python -m training benchmark`: runners, resume, failures, scoring report, Bland-Altman, gcapi end to end.
 
 Cost: the model runs on 3 small replica cases (6 sweeps x 10 frames) for the CLI reference, the local
 runner and the fake grand-challenge site, once more for the resume check, and once in the container when
@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from algorithm.contract import OUTPUT_FRAME, OUTPUT_MASK, Stack, write_outputs
+from algorithm.contract import INPUT_FOLDER, INPUT_SLUG, OUTPUT_FRAME, OUTPUT_MASK, Stack, write_outputs
 from training import layout
 from training.agreement import bland_altman, plot_bland_altman
 from training.benchmark.cases import discover_cases, is_complete
@@ -38,7 +38,7 @@ BAD = "bad-case"
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> tuple[Path, Path, list[str]]:
     """(release folder = ground truth, cases folder = the 3 cases + a corrupt one, uuids of the 3)."""
-    from training.phantom import write_dataset
+    from training.replica import write_dataset
 
     base = tmp_path_factory.mktemp("benchmark_data")
     release = base / "release"
@@ -210,8 +210,8 @@ def test_stage_input_layout(tmp_path, dataset):
 
     assert find_input_image(staged).name == f"{uuids[0]}.mha"
     sockets = json.loads((staged / "inputs.json").read_text())
-    assert sockets[0]["interface"]["slug"] == "stacked-fetal-ultrasound"
-    assert sockets[0]["interface"]["relative_path"] == "images/stacked-fetal-ultrasound"
+    assert sockets[0]["interface"]["slug"] == INPUT_SLUG
+    assert sockets[0]["interface"]["relative_path"] == str(INPUT_FOLDER)
 
 
 # ------------------------------------------------------------------------------------------ run loop
@@ -469,7 +469,7 @@ def test_docker_runner_matches_local(dataset, random_weights, local_run, tmp_pat
     if shutil.which("docker") is None or not engine_answers():
         pytest.skip("no Docker engine answers")
     if not image_exists(DEFAULT_IMAGE):
-        pytest.skip(f"image {DEFAULT_IMAGE} not built (bash test/run_container.sh)")
+        pytest.skip(f"image {DEFAULT_IMAGE} not built (bash tools/run_container.sh)")
     release, _, uuids = dataset
     local_out, _ = local_run
     out = tmp_path / "out"
@@ -478,7 +478,7 @@ def test_docker_runner_matches_local(dataset, random_weights, local_run, tmp_pat
     failures = (out / "failures.json").read_text()
     if "weights do not match its config" in failures:
         pytest.skip(f"{DEFAULT_IMAGE} was built from other model code than this tree: rebuild it "
-                    "(bash test/run_container.sh)")
+                    "(bash tools/run_container.sh)")
     assert status == 0, failures
     uuid = sorted(uuids)[0]
     assert frame_of(out / "predictions" / uuid) == frame_of(local_out / "predictions" / uuid)

@@ -1,6 +1,6 @@
-"""Coarse-to-fine frame search and the lazy decoder (issue 7), on the small config.
+"""Coarse-to-fine frame search and the lazy decoder, on the small config.
 
-The frame choice is checked with `algorithm.benchmark.LabelOracle`, a stand-in network that answers from a
+The frame choice is checked with `training.speed.LabelOracle`, a stand-in network that answers from a
 replica case's ground truth (blurred along time, with logit noise), because a randomly initialised network
 has no abdomen to find; the real small network (random weights) checks the bookkeeping.
 """
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from algorithm.benchmark import LabelOracle
+from training.speed import LabelOracle
 from algorithm.config import FRAME_NONE, Config, ModelConfig
 from algorithm.inference import Predictor, resolve_coarse_stride
 from algorithm.model.fetalclipseg import build_model
@@ -23,7 +23,7 @@ SMALL = ModelConfig.small()
 
 @pytest.fixture(scope="module")
 def replica():
-    from training.phantom import generate_case
+    from training.replica import generate_case
 
     return generate_case(5003, frames_per_sweep=48)
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from algorithm.contract import (OUTPUT_FRAME, OUTPUT_MASK, OutputTransaction, find_input_image, read_stack,
-                                to_uint8, write_outputs)
+from algorithm.contract import (INPUT_FOLDER, INPUT_SLUG, OUTPUT_FRAME, OUTPUT_MASK, OutputTransaction,
+                                find_input_image, read_stack, to_uint8, write_outputs)
 from algorithm.errors import InputError, OutputError
 
 
@@ -20,7 +20,7 @@ def write_image(path, array, spacing=(0.28, 0.28, 1.0), vector=False):
 
 
 def case_folder(tmp_path, names=("case.mha",), inputs_json=None):
-    folder = tmp_path / "input" / "images" / "stacked-fetal-ultrasound"
+    folder = tmp_path / "input" / INPUT_FOLDER
     for name in names:
         write_image(folder / name, np.zeros((6, 8, 10), dtype=np.uint8))
     if inputs_json is not None:
@@ -28,8 +28,8 @@ def case_folder(tmp_path, names=("case.mha",), inputs_json=None):
     return tmp_path / "input"
 
 
-GC_INPUTS = [{"interface": {"slug": "stacked-fetal-ultrasound", "kind": "Image",
-                            "relative_path": "images/stacked-fetal-ultrasound"}, "image": {"name": "x.mha"}}]
+GC_INPUTS = [{"interface": {"slug": INPUT_SLUG, "kind": "Image",
+                            "relative_path": str(INPUT_FOLDER)}, "image": {"name": "x.mha"}}]
 
 
 def test_finds_the_single_image(tmp_path):

@@ -95,7 +95,7 @@ def test_cli_scores_hand_checked_cases(dataset, tmp_path):
     gt_root, pred_root = dataset
     out = tmp_path / "report.json"
     run = subprocess.run(
-        [sys.executable, "-m", "training.evaluate", "--predictions", str(pred_root),
+        [sys.executable, "-m", "training", "evaluate", "--predictions", str(pred_root),
          "--ground-truth", str(gt_root), "--json", str(out)],
         cwd=REPO, capture_output=True, text=True, timeout=120,
     )

@@ -1,7 +1,7 @@
 """The CUDA path's logic, exercised on the CPU: padded batches (one shape per network part), decode decisions
-taken once per call, matrix weights cast once, device honesty in the CLI, and `test/gpu_check.py --quick`.
+taken once per call, matrix weights cast once, device honesty in the CLI, and `tools/gpu_check.py --quick`.
 
-What needs a GPU (CUDA kernels, speed, memory) is `test/gpu_check.py`'s job on a GPU machine.
+What needs a GPU (CUDA kernels, speed, memory) is `tools/gpu_check.py`'s job on a GPU machine.
 """
 from __future__ import annotations
 
@@ -215,7 +215,7 @@ def test_cli_cpu_fallback_beside_a_visible_gpu_warns_and_records_why(small_case,
 @pytest.mark.slow
 def test_gpu_check_quick_on_the_cpu_passes_and_reports_the_policy(tmp_path):
     report_path = tmp_path / "gpu_check.json"
-    completed = subprocess.run([sys.executable, "test/gpu_check.py", "--device", "cpu", "--quick", "--json",
+    completed = subprocess.run([sys.executable, "tools/gpu_check.py", "--device", "cpu", "--quick", "--json",
                                 str(report_path)], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
     report = json.loads(report_path.read_text())

@@ -14,7 +14,7 @@ import pytest
 import SimpleITK as sitk
 
 from algorithm.__main__ import main
-from algorithm.contract import INPUT_FOLDER, MAX_FRAMES, MAX_SIDE, OUTPUT_FRAME
+from algorithm.contract import INPUT_FOLDER, INPUT_SLUG, MAX_FRAMES, MAX_SIDE, OUTPUT_FRAME
 from conftest import case_from_array
 from hostile import OpenWatch, mha_header, run_measured, write_short_compressed
 from test_cli import assert_contract
@@ -210,8 +210,8 @@ def test_input_folder_that_is_a_link_works(tmp_path, random_weights, small_case)
     case, _, _ = small_case
     job = tmp_path / "opt" / "ml" / "input" / "data" / "job-input"
     shutil.copytree(case, job)
-    (job / "inputs.json").write_text(json.dumps([{"interface": {"slug": "stacked-fetal-ultrasound",
-                                                                "relative_path": "images/stacked-fetal-ultrasound"}}]))
+    (job / "inputs.json").write_text(json.dumps([{"interface": {"slug": INPUT_SLUG,
+                                                                "relative_path": str(INPUT_FOLDER)}}]))
     os.symlink(job, tmp_path / "input")
     assert run(tmp_path / "input", tmp_path / "out", random_weights) == 0
     assert_contract(next((job / INPUT_FOLDER).iterdir()), tmp_path / "out")
@@ -229,7 +229,7 @@ def test_inputs_json_pointing_outside_is_refused(tmp_path, random_weights, capsy
     (tmp_path / "in").mkdir()
     path = str(outside) if relative == "ABSOLUTE" else relative
     (tmp_path / "in" / "inputs.json").write_text(json.dumps(
-        [{"interface": {"slug": "stacked-fetal-ultrasound", "relative_path": path}}]))
+        [{"interface": {"slug": INPUT_SLUG, "relative_path": path}}]))
     outside.watch()
     refused(capsys, tmp_path / "in", tmp_path / "out", random_weights, "inputs.json")
 
@@ -238,10 +238,10 @@ def test_inputs_json_pointing_outside_is_refused(tmp_path, random_weights, capsy
     ("null", "expected a list"),
     ("42", "expected a list"),
     ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
-    ('[{"interface": {"slug": "stacked-fetal-ultrasound", "relative_path": null}}]', "relative_path"),
-    ('[{"interface": {"slug": "stacked-fetal-ultrasound", "relative_path": 7}}]', "relative_path"),
-    ('[{"interface": {"slug": "stacked-fetal-ultrasound", "relative_path": "a"}},'
-     ' {"interface": {"slug": "stacked-fetal-ultrasound", "relative_path": "b"}}]', "appears 2 times"),
+    (json.dumps([{"interface": {"slug": INPUT_SLUG, "relative_path": None}}]), "relative_path"),
+    (json.dumps([{"interface": {"slug": INPUT_SLUG, "relative_path": 7}}]), "relative_path"),
+    (json.dumps([{"interface": {"slug": INPUT_SLUG, "relative_path": "a"}},
+                 {"interface": {"slug": INPUT_SLUG, "relative_path": "b"}}]), "appears 2 times"),
     ("\udcff", "not valid JSON"),
     ("1" * 5000, "not valid JSON"),
 ])
@@ -255,7 +255,7 @@ def test_inputs_json_entries_that_are_not_sockets_are_ignored_with_a_warning(tmp
     """Entries that cannot be ours (null, a number, an object without an interface) do not hide our socket."""
     case = case_from_array(tmp_path / "in", np.zeros((6, 16, 16), np.uint8))
     (case / "inputs.json").write_text(json.dumps([None, 3, {"image": 1}, {"interface": {
-        "slug": "stacked-fetal-ultrasound", "relative_path": "images/stacked-fetal-ultrasound"}}]))
+        "slug": INPUT_SLUG, "relative_path": str(INPUT_FOLDER)}}]))
     assert run(case, tmp_path / "out", random_weights) == 0
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "inputs.json" in r.getMessage()]
     assert len(warnings) == 3 and "entry 0" in warnings[0]

@@ -50,7 +50,7 @@ def save_published(clip: torch.nn.Module, path: Path, wrapped: bool = True) -> N
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
-    """Tiny tensors on a shared 2-core machine: intra-op threads mostly wait on each other (20x slower here)."""
+    """Tiny tensors: with several intra-op threads they mostly wait on each other, so use one."""
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -553,7 +553,7 @@ def test_checkpoints_written_before_the_decoder_options_keep_their_meaning(tmp_p
 
 
 def test_bundled_demo_weights_load_as_our_decoder():
-    from algorithm.weights import BUNDLED
+    from algorithm.weights_location import BUNDLED
 
     model, info = load_checkpoint(BUNDLED / "fetalclipseg_small_replica.safetensors")
     assert info.config.decoder == "unetr" and info.config.frame_head == "norm-linear"

@@ -1,6 +1,6 @@
 """`--official` (the challenge's own scorer, reproduced) beside the default mode, on hand-built cases.
 
-The last test checks `python -m training.evaluate --official` against the official code itself; it runs when
+The last test checks `python -m training evaluate --official` against the official code itself; it runs when
 ACOUSLIC_OFFICIAL_EVAL points at a clone of DIAGNijmegen/ACOUSLIC-AI-evaluation-method (and
 ACOUSLIC_OFFICIAL_PYTHON, default this interpreter, can import its requirements).
 """
@@ -21,11 +21,11 @@ from training.evaluate import main
 from training.metrics import case_score
 from training.official import (HD_PENALTY_PX, OfficialScorerFailure, official_case_score, official_fit_ellipse,
                                previous_first_annotated_frame)
-from training.phantom import sector_fov
+from training.replica import sector_fov
 
 REPO = Path(__file__).resolve().parents[1]
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE / "official"))
+sys.path.insert(0, str(REPO / "tools" / "official"))
 from cases import ellipse  # noqa: E402  (full-size 562 x 744 frames)
 
 FOV = sector_fov()  # the replica's sector: the challenge's FOV to 7 pixels
@@ -269,7 +269,7 @@ def _official_code_runs() -> str | None:
 @pytest.mark.slow
 @pytest.mark.skipif(_official_code_runs() is not None, reason=str(_official_code_runs()))
 def test_official_mode_equals_the_official_code(tmp_path):
-    """Every hand-built case of test/official/cases.py, plus 3 random ones: each per-case value the official
+    """Every hand-built case of tools/official/cases.py, plus 3 random ones: each per-case value the official
     code computes (its overlap measures, DSC_soft, nearest frame, HD, WFSS, NAE) and both ACs, to 1e-9;
     and the same cases on which it raises."""
     from cases import hand_built, random_cases, write_cases

@@ -53,7 +53,7 @@ def test_a_successful_run_leaves_nothing_stale_of_ours(tmp_path, random_weights)
     assert "fetalclipseg/result.json" in files(out)
     # what a killed run leaves behind, and a file that is not ours
     (out / OUTPUT_MASK.parent / ".output.0a1b2c3d.partial.mha").write_bytes(b"half")
-    (out / ".fetal-abdomen-frame-number.0a1b2c3d.partial.json").write_text("3")
+    (out / f".{OUTPUT_FRAME.stem}.0a1b2c3d.partial.json").write_text("3")
     (out / ".write-probe-0a1b2c3d").write_bytes(b"")
     (out / "notes.txt").write_text("mine")
     second = speckle_case(tmp_path / "b", (6, 30, 20))

@@ -1,4 +1,4 @@
-"""Speed work (issue 7): the benchmark's quick mode, LoRA merging, the paper-style reference path, CPU bf16.
+"""The speed benchmark's quick mode, LoRA merging, the paper-style reference path, CPU bf16.
 
 No timing thresholds here: the speed targets live in the benchmark's printed numbers.
 """
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from algorithm.benchmark import ReferencePipeline, activation_bytes_per_frame, main as benchmark_main
+from training.speed import ReferencePipeline, activation_bytes_per_frame, main as benchmark_main
 from algorithm.config import Config, ModelConfig
 from algorithm.inference import FrameScores, Predictor, StageTimer
 from algorithm.model.fetalclipseg import build_model

@@ -16,6 +16,7 @@ import SimpleITK as sitk
 import torch
 
 from algorithm.config import FRAME_NONE, FRAME_OPTIMAL, FRAME_SUBOPTIMAL, ModelConfig
+from algorithm.contract import OUTPUT_FRAME
 from training import layout
 from training.augment import AugmentConfig, FrameAugment
 from training.dataset import FrameDataset, SplitArrays, frame_labels, read_manifest
@@ -31,7 +32,7 @@ FRAMES_PER_SWEEP = 12
 
 @pytest.fixture(scope="module")
 def replica(tmp_path_factory) -> Path:
-    from training.phantom import write_dataset
+    from training.replica import write_dataset
 
     root = tmp_path_factory.mktemp("replica")
     write_dataset(root, cases=4, frames_per_sweep=FRAMES_PER_SWEEP, seed=1, progress=False)
@@ -384,7 +385,7 @@ def test_train_export_run_algorithm_and_score(replica, prepared, tmp_path):
     subprocess.run([sys.executable, "-m", "algorithm", "--input", str(case), "--output", str(out),
                     "--weights", str(weights), "--device", "cpu", "--quiet", "--no-extras"],
                    check=True, cwd=REPO)
-    assert (out / "fetal-abdomen-frame-number.json").is_file()
+    assert (out / OUTPUT_FRAME).is_file()
     report = evaluate(tmp_path / "predictions", replica)
     assert report["cases"][uuid]["score"] is not None
     assert 0.0 <= report["cases"][uuid]["score"] <= 1.0

@@ -40,7 +40,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def replica(tmp_path_factory) -> Path:
-    from training.phantom import write_dataset
+    from training.replica import write_dataset
 
     root = tmp_path_factory.mktemp("replica")
     write_dataset(root, cases=3, frames_per_sweep=12, seed=1, progress=False)
@@ -485,7 +485,7 @@ def test_a_baseline_trains_and_exports_its_trained_tensors(prepared, tmp_path):
 def test_reproduce_under_torchrun_with_two_cpu_processes(tmp_path):
     """The issue's CI command: data prepared once on rank 0, both modes trained with DDP (gloo), scoring and
     the report on rank 0."""
-    from training.phantom import write_dataset
+    from training.replica import write_dataset
 
     data = tmp_path / "data"
     write_dataset(data, cases=3, frames_per_sweep=12, seed=1, progress=False)

@@ -48,8 +48,8 @@ def outputs(folder: Path) -> list[Path]:
 def mounts(tmp_path, monkeypatch):
     """Point the model folder and the bundled-weights folder at test folders (neither exists yet)."""
     model, bundled = tmp_path / "opt-ml-model", tmp_path / "bundled"
-    monkeypatch.setattr("algorithm.weights.MODEL_MOUNT", model)
-    monkeypatch.setattr("algorithm.weights.BUNDLED", bundled)
+    monkeypatch.setattr("algorithm.weights_location.MODEL_MOUNT", model)
+    monkeypatch.setattr("algorithm.weights_location.BUNDLED", bundled)
     return model, bundled
 
 

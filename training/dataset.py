@@ -1,6 +1,6 @@
 """Prepared frames on disk -> training samples.
 
-`python -m training.prepare` writes one folder per split holding memory-mappable arrays:
+`python -m training prepare` writes one folder per split holding memory-mappable arrays:
 
     <prepared>/manifest.json            seed, case uuids per split, subjects, counts (see training.prepare)
     <prepared>/<split>/images.npy       (N, 224, 224) uint8 grey, already padded to square and resized
@@ -48,7 +48,7 @@ def frame_labels(masks: np.ndarray) -> np.ndarray:
 def read_manifest(prepared: Path) -> dict:
     path = Path(prepared) / MANIFEST
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: run `python -m training.prepare` first")
+        raise FileNotFoundError(f"{path} not found: run `python -m training prepare` first")
     return json.loads(path.read_text())
 
 

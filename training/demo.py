@@ -13,8 +13,8 @@ from pathlib import Path
 
 from algorithm.__main__ import main as run_algorithm
 from algorithm.contract import INPUT_FOLDER
-from training.phantom import write_dataset
-from training.layout import IMAGES_DIR
+from training.layout import image_path, stage_case
+from training.replica import write_dataset
 
 
 def make_case(folder: Path, seed: int, frames_per_sweep: int) -> Path:
@@ -25,13 +25,12 @@ def make_case(folder: Path, seed: int, frames_per_sweep: int) -> Path:
         return case_dir
     release = folder / "release"
     uuid = write_dataset(release, cases=1, frames_per_sweep=frames_per_sweep, seed=seed)[0]
-    (case_dir / INPUT_FOLDER).mkdir(parents=True, exist_ok=True)
-    (release / IMAGES_DIR / f"{uuid}.mha").replace(case_dir / INPUT_FOLDER / f"{uuid}.mha")
+    stage_case(image_path(release, uuid), case_dir, how="move")
     return case_dir
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m training.demo", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m training demo", description=__doc__.splitlines()[0])
     parser.add_argument("--folder", type=Path, default=Path("demo_output"))
     parser.add_argument("--seed", type=int, default=2025)
     parser.add_argument("--frames-per-sweep", type=int, default=140)

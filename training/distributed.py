@@ -15,8 +15,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-# Rank 0 alone prepares data (51 min for the real release on 2 cores) or scores whole test cases while the
-# other ranks wait at a barrier; the default collective timeout (10 to 30 min) would end the run there.
+# Rank 0 alone prepares data (close to an hour for the real release on a small CPU) or scores whole test
+# cases while the other ranks wait at a barrier; the default collective timeout (10 to 30 min) would end the run there.
 BARRIER_TIMEOUT = datetime.timedelta(hours=6)
 
 

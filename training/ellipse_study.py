@@ -1,6 +1,6 @@
 """How well do the AC ellipse fits measure an abdomen cut by the field of view?
 
-    python -m training.ellipse_study --out build/ellipse_study [--ellipses 150] [--seed 0] [--fov-mask F]
+    python -m training ellipse-study --out build/ellipse_study [--ellipses 150] [--seed 0] [--fov-mask F]
 
 Draws abdomens of the real AC range (141-351 mm, minor/major axis 0.6-0.95, any orientation) placed so that
 20-50 % of their area lies outside the FOV (`--fov-mask`, e.g. the challenge's `fov_mask.mha`; default
@@ -285,7 +285,7 @@ def example_rows(records: Sequence[dict], chosen: str) -> list[tuple[int, str]]:
 
 def read_fov(path: Path | None) -> tuple[np.ndarray, str]:
     if path is None:
-        from training.phantom import sector_fov
+        from training.replica import sector_fov
 
         return sector_fov(), "the replica's sector"
     from training.evaluate import read_fov_mask
@@ -294,7 +294,7 @@ def read_fov(path: Path | None) -> tuple[np.ndarray, str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m training.ellipse_study", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m training ellipse-study", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--ellipses", type=int, default=150)
     parser.add_argument("--seed", type=int, default=0)

@@ -1,10 +1,10 @@
 """Score a folder of algorithm outputs against a dataset in the public release layout.
 
-    python -m training.evaluate --predictions DIR --ground-truth DIR [--json FILE] [--fov-mask FILE] [--official]
+    python -m training evaluate --predictions DIR --ground-truth DIR [--json FILE] [--fov-mask FILE] [--official]
 
 `--predictions` holds one folder per case, named by the case uuid, laid out like the algorithm's /output:
-`images/fetal-abdomen-segmentation/<one>.mha` (the (Z, H, W) output stack, or a single (H, W) mask) and
-`fetal-abdomen-frame-number.json` (an integer, -1 = no frame). `--ground-truth` is a release-layout folder
+the mask socket's folder holding one .mha (the (Z, H, W) output stack, or a single (H, W) mask) and the
+frame-number JSON (an integer, -1 = no frame), as `algorithm.contract` names them. `--ground-truth` is a release-layout folder
 (`training.layout`): masks/stacked_fetal_abdomen/<uuid>.mha, the per-sweep reference AC CSV and, unless
 `--fov-mask` is given, images/stacked_fetal_ultrasound/<uuid>.mha from which each case's FOV is derived.
 
@@ -300,7 +300,7 @@ def print_report(report: dict[str, Any], console: Console | None = None) -> None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m training.evaluate", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m training evaluate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--predictions", type=Path, required=True, help="one output folder per case uuid")
     parser.add_argument("--ground-truth", type=Path, required=True, help="dataset in the public release layout")
     parser.add_argument("--json", type=Path, help="write the report here")

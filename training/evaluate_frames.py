@@ -1,6 +1,6 @@
 """The paper's frame-level table on a prepared split: is the abdomen plane on this frame or not?
 
-    python -m training.evaluate_frames --prepared DIR --weights W [--split test] [--json F] [--markdown F]
+    python -m training evaluate-frames --prepared DIR --weights W [--split test] [--json F] [--markdown F]
 
 Ground truth: a frame is positive when it is annotated (optimal or suboptimal plane). Two predictions are
 scored from the same forward pass:
@@ -272,7 +272,7 @@ def evaluate_weights(weights: Path, prepared: Path, split: str = "test", device:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m training.evaluate_frames", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m training evaluate-frames", description=__doc__.splitlines()[0])
     parser.add_argument("--prepared", type=Path, required=True)
     parser.add_argument("--weights", type=Path, required=True)
     parser.add_argument("--split", default="test", choices=["train", "val", "test"])

@@ -16,19 +16,22 @@ for the backward pass, so the hooks count them. Where none do (an encoder under 
 is saved and the hooks see nothing, yet the copies are made; the estimate then counts one half-precision
 copy of the frozen block weights ("cast copies"). That is conservative on a GPU, where the copies are
 transient; on the CPU, oneDNN's half-precision matmuls of such an encoder held more than that once the
-micro-batch grew past one frame (README, Training).
+micro-batch grew past one frame (docs/training.md).
 
 BACKWARD_FACTOR covers what the backward pass holds beside the saved activations (the gradients of the
 largest ones), WORKSPACE the kernels' scratch memory; both were calibrated against the measured peak of a
-real step (`python -m training memory --measure N`; README, Training: small and full configurations on the
-CPU). On a GPU the plan also keeps HEADROOM of the free memory for the allocator's fragmentation.
+real step (`python -m training memory --measure N`, small and full configurations on the CPU;
+docs/training.md). On a GPU the plan also keeps HEADROOM of the free memory for the allocator's fragmentation.
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
+import json
 import logging
 from dataclasses import asdict, dataclass
-from typing import Callable, Iterable
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -263,3 +266,82 @@ def measure_step_peak(model: nn.Module, step: Callable[[int], torch.Tensor], mic
         peak = _resident_bytes("VmHWM")
     optimizer.zero_grad(set_to_none=True)
     return int(peak - before)
+
+
+# ------------------------------------------------------------------------------------------ command
+
+def run_memory_command(args: argparse.Namespace) -> int:
+    """Build a mode (random weights), measure its step and plan it for a budget."""
+    import torch
+
+    from algorithm.runtime import choose_precision
+    from training.losses import SegLoss, class_weights
+    from training.modes import SPECS, build_training_model, canonical_mode
+    from training.train import TrainView, make_step, measure_step
+
+    mode = canonical_mode(args.mode)
+    device = torch.device(args.device)
+    # fp16 on the CPU (planning for a GPU without native bf16 from a machine without one): autocast to bf16
+    # instead, which keeps the same two bytes per activation
+    precision = "bf16" if device.type == "cpu" and args.precision == "fp16" else choose_precision(args.precision, device)
+    torch.manual_seed(0)
+    model = build_training_model(mode, args.config, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
+                                 decoder=args.decoder, backbone=args.backbone, pretrained=None).to(device)
+    model.to(memory_format=torch.channels_last)
+    spec = SPECS[mode]
+    loss = SegLoss(class_weights([8, 1, 1]), use_mask=spec.segments, mask_loss=spec.mask_loss or "dice").to(device)
+    yy, xx = torch.meshgrid(torch.arange(224), torch.arange(224), indexing="ij")
+    sample = (torch.randn(3, 224, 224), (((yy - 112) / 60.0) ** 2 + ((xx - 112) / 45.0) ** 2 < 1).long(),
+              torch.tensor(2))
+    view = TrainView(model)
+    measured = None
+    if args.measure:
+        # the real step first, on a fresh process: the CPU allocator keeps what the estimate's passes free,
+        # which would hide part of the step's peak
+        if args.grad_checkpointing:
+            model.set_grad_checkpointing(True)
+        measured = measure_step_peak(model, make_step(view, loss, sample, device, precision), args.measure, device)
+        model.set_grad_checkpointing(False)
+    estimate = measure_step(view, loss, sample, device, precision)
+    budget = device_budget(device, args.budget_gib)
+    plan = plan_memory(estimate, args.batch_size, budget, args.grad_checkpointing, args.accumulate)
+    result = {"config": args.config, "mode": mode, "batch_size": args.batch_size, "precision": args.precision,
+              "measured_with": f"{precision} autocast on {device}", "estimate": estimate.__dict__,
+              "plan": plan.to_dict(),
+              "steps_gib": {f"micro {m}, checkpointing {c}": round(estimate.step(m, c) / GiB, 2)
+                            for m in (1, args.batch_size) for c in (False, True) if c is False or estimate.can_checkpoint}}
+    if measured is not None:
+        # one real step (forward, backward, AdamW) against the estimate of the same step, weights excluded
+        predicted = estimate.step(args.measure, bool(args.grad_checkpointing)) - estimate.weights
+        result["validation"] = {"micro_batch": args.measure, "grad_checkpointing": bool(args.grad_checkpointing),
+                                "measured_bytes": measured, "estimated_bytes": predicted,
+                                "estimated_over_measured": round(predicted / max(measured, 1), 3)}
+    print(json.dumps(result, indent=2))
+    print(plan.describe())
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return 0 if plan.fits else 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m training memory`: measure a mode's training step and print the set-up that fits a budget."""
+    from training.modes import MODES
+
+    mem = argparse.ArgumentParser(prog="python -m training memory", description=__doc__.splitlines()[0])
+    mem.add_argument("--config", default="full", choices=["full", "small"])
+    mem.add_argument("--mode", default="fixed", choices=list(MODES))
+    mem.add_argument("--backbone")
+    mem.add_argument("--decoder", choices=["unetr", "separable"])
+    mem.add_argument("--lora-rank", type=int, default=8)
+    mem.add_argument("--lora-alpha", type=int)
+    mem.add_argument("--batch-size", type=int, default=32, help="frames per step on one device")
+    mem.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
+    mem.add_argument("--device", default="cpu")
+    mem.add_argument("--budget-gib", type=float, help="memory budget (default: the GPU's free memory)")
+    mem.add_argument("--accumulate", type=int)
+    mem.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=None)
+    mem.add_argument("--measure", type=int, metavar="MICRO",
+                     help="also run one real step of MICRO frames and compare its measured peak with the estimate")
+    mem.add_argument("--json", type=Path)
+    return run_memory_command(mem.parse_args(argv))

@@ -2,8 +2,8 @@
 
 Why: the frames that fool a model are rare among the negatives. On the replica a fetal head (a bright
 skull ring) is about 3 % of the frames without abdomen; drawn uniformly, each is seen a handful of times
-in a whole training run, and the demo weights called one an abdomen with P 0.99 (issue 4's failing check
-case). Real blind sweeps have the same kind of look-alikes (head, bladder, stomach-like fluid pockets).
+in a whole training run, and a model trained that way can call one an abdomen with near certainty. Real
+blind sweeps have the same kind of look-alikes (head, bladder, stomach-like fluid pockets).
 
 How: at the start of an epoch the trainer scores a random pool of negative frames with the current
 encoder and frame head (no decoder, no augmentation) and hands the samplers a `Hardness`. Each negative

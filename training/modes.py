@@ -18,10 +18,12 @@
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from torch import nn
 
@@ -33,7 +35,7 @@ LEGACY_MODES = {"cls": "probe"}  # the linear probe's former name
 
 PAPER_LORA_TARGETS = ("c_fc", "c_proj", "out_proj")
 FIXED_LORA_TARGETS = ("c_fc", "c_proj", "attn")
-# The decoder of `fixed`. Measured on the replica (README, Training): see `FIXED_DECODER_NOTE`.
+# The decoder of `fixed` (`--decoder separable` is the lighter alternative; docs/training.md compares them).
 FIXED_DECODER = "unetr"
 
 
@@ -179,3 +181,24 @@ def parameters_table(counts: dict[str, dict[str, Any]]) -> str:
         lines.append(f"| {mode} | {spec.reproduces} | {format_parameters(c['trainable'])} "
                      f"| {format_parameters(c['effective'])} | {format_parameters(c['paper'])} |")
     return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------------ command
+
+def params_main(argv: Sequence[str] | None = None) -> int:
+    """`python -m training params`: every mode's trainable parameters (and those that can change) beside the paper's."""
+    par = argparse.ArgumentParser(prog="python -m training params",
+                                  description="trainable parameters of every mode beside the paper's")
+    par.add_argument("--config", default="full", choices=["full", "small"])
+    par.add_argument("--modes", nargs="+", choices=list(FETALCLIP_MODES))
+    par.add_argument("--lora-rank", type=int, default=8)
+    par.add_argument("--lora-alpha", type=int)
+    par.add_argument("--json", type=Path)
+
+    args = par.parse_args(argv)
+    counts = count_parameters(args.config, tuple(args.modes or FETALCLIP_MODES), args.lora_rank, args.lora_alpha)
+    print(parameters_table(counts))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"config": args.config, "modes": counts}, indent=2) + "\n")
+    return 0

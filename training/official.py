@@ -1,4 +1,4 @@
-"""The challenge's own scorer, reproduced: `python -m training.evaluate --official`.
+"""The challenge's own scorer, reproduced: `python -m training evaluate --official`.
 
 What the leaderboard runs is `DIAGNijmegen/ACOUSLIC-AI-evaluation-method` (main, ebf14b3, July 2024). This
 module re-derives its per-case results from its behaviour, quirks included, so that a local score predicts

@@ -1,6 +1,6 @@
 """Release layout (real or replica) -> per-split arrays of 224 x 224 frames, masks and frame labels.
 
-    python -m training.prepare --data DIR --out DIR [--seed 0] [--all-sweeps] [--fractions 0.7 0.1 0.2]
+    python -m training prepare --data DIR --out DIR [--seed 0] [--all-sweeps] [--fractions 0.7 0.1 0.2]
 
 * Which frames: every frame of each sweep that has a reference AC in the circumference CSV, as the paper
   did (the other sweeps were never searched for a plane by the annotators, so their "no abdomen" labels are
@@ -258,7 +258,7 @@ def prepare(data: Path, out: Path, seed: int = 0, all_sweeps: bool = False,
 
 
 def is_replica(data: Path) -> bool:
-    """Whether `data` was written by training.phantom (its marker file or README says so)."""
+    """Whether `data` was written by training.replica (its marker file or README says so)."""
     data = Path(data)
     for name in ("replica.json", "REPLICA", "README.md", "README.txt"):
         path = data / name
@@ -285,7 +285,7 @@ def describe(manifest: dict) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m training.prepare", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m training prepare", description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, required=True, help="release-layout folder (real or replica)")
     parser.add_argument("--out", type=Path, required=True, help="where the prepared splits go")
     parser.add_argument("--seed", type=int, default=0, help="split seed (default 0)")

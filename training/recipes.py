@@ -8,27 +8,25 @@ the threshold sweep of the mask-size rule -> the algorithm on every whole test c
 `demo-weights` makes the bundled CPU demo weights: a replica dataset, prepared, the small configuration
 trained from scratch on the CPU (all encoder weights trainable), saved as a checkpoint with the provenance
 "replica-trained demo weights, not for clinical use". `--check` then runs `python -m algorithm` on fresh
-replica cases (seed 424242, never used for training) and scores them with `python -m training.evaluate`.
+replica cases (seed 424242, never used for training) and scores them with `python -m training evaluate`.
 
-The demo budget (2 shared CPU cores): a training step costs ~0.3 CPU-s per frame, almost all of it the
-decoder's convolutions at 224 px, so the recipe spends decoder passes where they teach most:
-* 60 cases of 48 frames per sweep (not 140): the same number of annotated runs per case, 3x fewer
+The recipe fits a small CPU: a training step's cost is almost all the decoder's convolutions at 224 px, so
+it spends decoder passes where they teach most:
+* 60 cases of 48 frames per sweep (not 140): the same number of annotated runs per case, fewer
   near-duplicate frames to generate, store and read; more cases = more abdomen shapes and backgrounds;
 * all sweeps prepared (`--all-sweeps`), so negatives include the skulls, bones and lift-off frames of the
   sweeps without an abdomen, which a whole-case run must reject;
 * per epoch every positive frame (once, augmented online), 0.75 decoded negatives per positive, and 4
-  head-only negatives per positive (encoder + frame head, no decoder: ~1/6 of the cost), see
+  head-only negatives per positive (encoder + frame head, no decoder: a fraction of the cost), see
   `training.sampling.MixedBatches`;
 * batch 8, AdamW 1e-3 with 50 warm-up steps (a from-scratch network, not LoRA on a pretrained one),
   Dice + cross-entropy for the mask, bf16 autocast where the CPU has bf16 units, one torch thread, NHWC;
-* 42 epochs, the one with the lowest validation loss kept (validation: 160 frames, positives first). The
-  frame head of a from-scratch encoder is the slow learner: its validation cross-entropy stays at chance
-  (~1.05) for the first ~12 epochs, while the mask is already usable, and only then falls.
+* 42 epochs, the one with the lowest validation loss kept (validation: 160 frames, positives first): the
+  frame head of a from-scratch encoder learns long after the mask is usable.
 * optionally (`--mine-epochs N`, off by default) N more epochs of hard-negative mining (training.mining)
   from the best of those weights, AdamW 3e-4, half of every negative draw taken from the negatives the
-  frame head still calls abdomen, again keeping the epoch with the lowest validation loss. Tried for the
-  30-epoch weights with N = 10 and not adopted: the acceptance cases (seed 424242) went from 0.673 to
-  0.975, but 16 other replica cases went from 0.818 to 0.713 (README, Training).
+  frame head still calls abdomen, again keeping the epoch with the lowest validation loss. Off by default
+  because it fixed the acceptance cases at the cost of other replica cases (docs/training.md).
 """
 from __future__ import annotations
 
@@ -62,19 +60,18 @@ MAX_DEMO_BYTES = 20 * 1024 * 1024
 def predict_cases(weights: Path, data: Path, uuids: Sequence[str], out: Path, device: str = "auto",
                   overrides: dict[str, Any] | None = None, progress: bool = True) -> dict[str, Any]:
     """The algorithm on whole cases of a release-layout folder, in process (one model load), written in the
-    grand-challenge output layout: out/<uuid>/{images/fetal-abdomen-segmentation/output.mha, frame json}."""
+    grand-challenge output layout: out/<uuid>/{contract.OUTPUT_MASK, contract.OUTPUT_FRAME}."""
     from tqdm import tqdm
 
-    from algorithm.contract import read_stack, write_outputs
-    from algorithm.inference import load_predictor
+    from algorithm.contract import read_stack
+    from algorithm.run import load, process_case
 
-    predictor, checkpoint = load_predictor(weights, {"device": device, **(overrides or {})})
+    predictor, checkpoint = load(weights, {"device": device, **(overrides or {})})
     timings = {}
     for uuid in tqdm(uuids, desc="test cases", unit="case", disable=not progress):
         started = time.perf_counter()
         stack = read_stack(layout.image_path(data, uuid))
-        result = predictor.predict(stack.array)
-        write_outputs(out / uuid, stack, result.frame, result.mask)
+        result, _ = process_case(predictor, checkpoint, stack, out / uuid, extras=False)
         (out / uuid / "result.json").write_text(json.dumps(result.summary(), indent=2) + "\n")
         timings[uuid] = round(time.perf_counter() - started, 1)
     return {"checkpoint": checkpoint, "seconds_per_case": timings}
@@ -131,7 +128,7 @@ def challenge_table(rows: dict[str, dict[str, Any]]) -> str:
 def reproduce_runs(args: argparse.Namespace, prepared: Path) -> list[tuple[str, Any]]:
     """(report name, TrainConfig) of every mode and baseline `reproduce` trains, in order."""
     from training.modes import canonical_mode
-    from training.train import TrainConfig, recipe_from_args
+    from training.params import TrainConfig, recipe_from_args
 
     recipe = recipe_from_args(args)
     # --train-encoder (default for the small config without FetalCLIP weights) replaces LoRA in our mode only:
@@ -257,23 +254,21 @@ def reproduce(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------------ demo weights
 
 def cli_case_folder(data: Path, uuid: str, folder: Path) -> Path:
-    """A grand-challenge /input folder for one release case (note the dash: stacked-fetal-ultrasound)."""
+    """A grand-challenge /input folder for one release case (made once): a hard link to the release's image, or a
+    copy across file systems; the algorithm reads nothing linked from outside its input folder."""
     from algorithm.contract import INPUT_FOLDER
 
-    target = folder / INPUT_FOLDER
-    target.mkdir(parents=True, exist_ok=True)
-    link = target / f"{uuid}.mha"
-    if not link.exists():
-        os.symlink(layout.image_path(data, uuid).resolve(), link)
+    if not (folder / INPUT_FOLDER / f"{uuid}.mha").exists():
+        layout.stage_case(layout.image_path(data, uuid), folder, how="link")
     return folder
 
 
 def check_weights(weights: Path, work: Path, cases: int = 4, seed: int = CHECK_SEED,
                   frames_per_sweep: int = 140, device: str = "cpu", threads: int | None = None) -> dict[str, Any]:
     """The acceptance check: replica cases (seed 424242), `python -m algorithm` on each through its CLI,
-    then `python -m training.evaluate`. Returns the evaluation report."""
+    then `python -m training evaluate`. Returns the evaluation report."""
     from training.evaluate import evaluate
-    from training.phantom import write_dataset
+    from training.replica import write_dataset
 
     data = work / f"check_{seed}"
     if not (data / layout.CIRCUMFERENCES_CSV).is_file():
@@ -297,9 +292,10 @@ def check_weights(weights: Path, work: Path, cases: int = 4, seed: int = CHECK_S
 def demo_weights(args: argparse.Namespace) -> int:
     from algorithm.model.checkpoint import load_checkpoint, save_checkpoint
     from algorithm.runtime import choose_precision
-    from training.phantom import write_dataset
+    from training.replica import write_dataset
     from training.prepare import describe, prepare
-    from training.train import CHECKPOINT_NAME, TrainConfig, train
+    from training.params import TrainConfig, sampling_from_args, schedule_from_args
+    from training.train import CHECKPOINT_NAME, train
 
     if args.seed == CHECK_SEED:
         raise SystemExit(f"--seed {CHECK_SEED} makes the acceptance cases; train on another seed")
@@ -320,11 +316,8 @@ def demo_weights(args: argparse.Namespace) -> int:
     precision = choose_precision(args.precision, "cpu")
     # The demo recipe: our decoder, every frame once per epoch (augmented online), whatever the defaults.
     cfg = TrainConfig(prepared=prepared, out=work / "train", mode="fixed", config="small", train_encoder=True,
-                      decoder="unetr", augment_copies=0, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, device="cpu", precision=precision,
-                      seed=args.seed, resume=args.resume, negatives_per_positive=args.negatives_per_positive,
-                      mask_ce_weight=1.0, val_max_frames=args.val_max_frames, replica=True,
-                      max_steps=args.max_steps, warmup_steps=args.warmup_steps,
-                      head_negatives_per_positive=args.head_negatives_per_positive, threads=args.threads)
+                      decoder="unetr", augment_copies=0, device="cpu", precision=precision, mask_ce_weight=1.0,
+                      replica=True, **schedule_from_args(args), **sampling_from_args(args))
     summary = train(cfg)
     final = work / "train" / CHECKPOINT_NAME
     epochs = f"{summary['trials'][0]['epochs_trained']} epochs"
@@ -369,3 +362,97 @@ def demo_weights(args: argparse.Namespace) -> int:
     print(json.dumps(result, indent=2))
     return 0
 
+
+# ------------------------------------------------------------------------------------------ commands
+
+def reproduce_parser() -> argparse.ArgumentParser:
+    from training.modes import FETALCLIP_MODES
+    from training.params import add_recipe_arguments
+
+    rep = argparse.ArgumentParser(prog="python -m training reproduce",
+                                  description="prepare -> train every mode -> frame table, threshold sweep -> "
+                                              "challenge score -> report")
+    rep.add_argument("--data", type=Path, required=True, help="release-layout folder (real or replica)")
+    rep.add_argument("--out", type=Path, required=True)
+    rep.add_argument("--prepared", type=Path, help="reuse / write prepared data here (default OUT/prepared)")
+    rep.add_argument("--modes", nargs="+", default=list(FETALCLIP_MODES), choices=list(FETALCLIP_MODES) + ["cls"])
+    rep.add_argument("--baselines", nargs="+", metavar="NAME",
+                     help="also train these baselines (training.baselines: densenet, swin, clip_openai, ... or "
+                          "a timm name); weights from --pretrained hub, or NAME.safetensors / NAME.pth in "
+                          "--baseline-weights")
+    rep.add_argument("--baseline-weights", type=Path, help="folder of local baseline weights, one file per name")
+    rep.add_argument("--all-sweeps", action="store_true", help="prepare every sweep, not only those with an AC")
+    rep.add_argument("--replica", action=argparse.BooleanOptionalAction, default=None,
+                     help="the data is the replica (default: detected)")
+    rep.add_argument("--skip-cases", action="store_true", help="no whole-case inference / challenge score")
+    add_recipe_arguments(rep)
+    rep.set_defaults(trials=5)  # the paper's five trials
+
+    return rep
+
+
+def demo_weights_parser() -> argparse.ArgumentParser:
+    """The shared schedule and sampling options with the demo recipe's defaults, plus its own."""
+    from training.params import add_sampling_arguments, add_schedule_arguments
+
+    demo = argparse.ArgumentParser(prog="python -m training demo-weights",
+                                   description="train the bundled small replica weights on the CPU")
+    demo.add_argument("--out", type=Path, default=DEMO_WEIGHTS)
+    demo.add_argument("--work", type=Path, default=REPO / "build" / "demo_weights")
+    demo.add_argument("--cases", type=int, default=60)
+    demo.add_argument("--frames-per-sweep", type=int, default=48)
+    demo.add_argument("--fractions", type=float, nargs=3, default=(0.85, 0.1, 0.05))
+    add_schedule_arguments(demo)
+    add_sampling_arguments(demo)
+    demo.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
+    demo.add_argument("--mine-epochs", type=int, default=0,
+                      help="then fine-tune this many epochs with hard-negative mining (default 0: none)")
+    demo.add_argument("--hard-negatives", type=float, default=0.5,
+                      help="stage 2: fraction of the negatives drawn by the frame head's P(abdomen)")
+    demo.add_argument("--mine-lr", type=float, default=3e-4)
+    demo.add_argument("--check", action="store_true", help="then score the weights on replica cases seed 424242")
+    demo.add_argument("--check-cases", type=int, default=4)
+    # one torch thread: on a CPU shared with other jobs it did the work of two for a third of the CPU time
+    demo.set_defaults(seed=2025, epochs=42, batch_size=8, lr=1e-3, warmup_steps=50, threads=1,
+                      negatives_per_positive=0.75, head_negatives_per_positive=4.0, val_max_frames=160)
+    return demo
+
+
+def _run(command, args: argparse.Namespace) -> int:
+    """A recipe with its exit codes: a snapshot that cannot be resumed is exit 2; processes shut down."""
+    from training.distributed import shutdown
+    from training.snapshot import SnapshotError
+
+    try:
+        return command(args)
+    except SnapshotError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        shutdown()
+
+
+def reproduce_main(argv: Sequence[str] | None = None) -> int:
+    """`python -m training reproduce` (also under torchrun)."""
+    from algorithm.runtime import choose_precision, resolve_device
+    from training.train import configure_logging
+
+    configure_logging()
+    parser = reproduce_parser()
+    args = parser.parse_args(argv)
+    try:
+        choose_precision(args.precision, resolve_device(args.device))
+    except ValueError as exc:
+        parser.error(str(exc))
+    return _run(reproduce, args)
+
+
+def demo_weights_main(argv: Sequence[str] | None = None) -> int:
+    """`python -m training demo-weights`."""
+    from training.train import configure_logging
+
+    configure_logging()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = demo_weights_parser().parse_args(argv)
+    args.argv = argv
+    return _run(demo_weights, args)

@@ -1,6 +1,6 @@
 """Test-set benchmark: run the algorithm on every case of a folder, score it, report clinical agreement.
 
-    python -m training.benchmark --cases DIR --out DIR [--ground-truth DIR] [--runner local|docker|grand-challenge]
+    python -m training benchmark --cases DIR --out DIR [--ground-truth DIR] [--runner local|docker|grand-challenge]
 
 Runners (one module each, loaded only when used):
   local            `local.LocalRunner`: in this process, the model loaded once (outputs = the CLI's)
@@ -14,5 +14,5 @@ This package imports nothing heavy at import time, so `python -m training.benchm
 """
 from __future__ import annotations
 
-DEFAULT_IMAGE = "acouslic-fetalclipseg:test"  # the tag test/run_container.sh builds; export.sh builds :latest
+DEFAULT_IMAGE = "acouslic-fetalclipseg:test"  # the tag tools/run_container.sh builds; export.sh builds :latest
 RUNNERS = ("local", "docker", "grand-challenge")

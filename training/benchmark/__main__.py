@@ -1,6 +1,6 @@
-"""`python -m training.benchmark`: run a whole test set, score it, write a clinical agreement report.
+"""`python -m training benchmark`: run a whole test set, score it, write a clinical agreement report.
 
-    python -m training.benchmark --cases DIR --out DIR [--ground-truth DIR]
+    python -m training benchmark --cases DIR --out DIR [--ground-truth DIR]
         [--runner local|docker|grand-challenge] [--weights W] [--device auto|cpu|cuda] [--image TAG]
         [--algorithm SLUG] [--jobs N] [--limit N]
 
@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m training.benchmark", description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog="python -m training benchmark", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=__doc__.split("\n\n", 2)[2])
     parser.add_argument("--cases", type=Path, required=True,

@@ -1,7 +1,7 @@
 """Docker runner: the built submission image, one `docker run` per case, the way grand-challenge runs it.
 
-Each case is staged as grand-challenge mounts /input (`images/stacked-fetal-ultrasound/<uuid>.mha` plus an
-`inputs.json` naming the socket) and run with the restrictions of test/run_container.sh: no network,
+Each case is staged as grand-challenge mounts /input (the image in its socket's folder plus an `inputs.json`
+naming the socket: `training.layout.stage_case`) and run with the restrictions of tools/run_container.sh: no network,
 read-only /input, read-only root file system with a fresh /tmp volume, a memory limit, all capabilities
 dropped, no-new-privileges, the image's own non-root user, `--gpus all` only where `nvidia-smi` works,
 and the weights (when given) mounted read-only at /opt/ml/model like grand-challenge's model tarball.
@@ -39,8 +39,6 @@ from .cases import Case
 
 log = logging.getLogger("training.benchmark")
 DEFAULT_MEMORY = "15g"
-INPUT_SLUG = "stacked-fetal-ultrasound"
-INPUT_RELATIVE_PATH = Path("images") / INPUT_SLUG
 
 
 def docker_run_command(image: str, input_dir: Path, output_dir: Path, *, tmp_volume: str,
@@ -64,39 +62,18 @@ def docker_run_command(image: str, input_dir: Path, output_dir: Path, *, tmp_vol
     return command + [image, *algorithm_args]
 
 
-def inputs_json(image_name: str) -> list[dict]:
-    """grand-challenge's /input/inputs.json for a job with the one image input (as test/container/make_case.py)."""
-    pk = 1000001
-    return [{
-        "pk": pk,
-        "url": f"https://grand-challenge.org/components/component-interface-values/{pk}/",
-        "file": None,
-        "image": {"pk": str(uuidlib.uuid5(uuidlib.NAMESPACE_URL, image_name)), "name": image_name},
-        "value": None,
-        "interface": {"pk": 588, "title": "Stacked Fetal Ultrasound",
-                      "description": "Stacked blind-sweep fetal abdominal ultrasound frames",
-                      "slug": INPUT_SLUG, "kind": "Image", "super_kind": "Image",
-                      "relative_path": str(INPUT_RELATIVE_PATH), "default_value": None, "example_value": None},
-    }]
-
-
 def stage_input(image: Path, input_dir: Path) -> Path:
     """Lay one image out as grand-challenge mounts /input, readable by any user; returns `input_dir`."""
-    folder = input_dir / INPUT_RELATIVE_PATH
-    folder.mkdir(parents=True, exist_ok=True)
-    target = folder / image.name
+    from algorithm.contract import INPUT_FOLDER, INPUTS_JSON
+    from training.layout import stage_case
+
     readable = os.stat(image).st_mode & 0o004
-    try:
-        if not readable:
-            raise OSError("not world-readable: copy")
-        os.link(image, target)  # same file system: no copy of a 350 MB stack
-    except OSError:
-        shutil.copyfile(image, target)
+    target = stage_case(image, input_dir, how="link" if readable else "copy")
+    if not readable or target.stat().st_ino != os.stat(image).st_ino:
         target.chmod(0o644)
-    (input_dir / "inputs.json").write_text(json.dumps(inputs_json(target.name), indent=2) + "\n")
-    for path in (input_dir, input_dir / "images", folder):
+    for path in (input_dir, input_dir / INPUT_FOLDER.parent, target.parent):
         path.chmod(0o755)
-    (input_dir / "inputs.json").chmod(0o644)
+    (input_dir / INPUTS_JSON).chmod(0o644)
     return input_dir
 
 
@@ -158,7 +135,7 @@ class DockerRunner:
         if shutil.which("docker") is None or not engine_answers():
             raise RuntimeError("no Docker engine answers (`docker info` failed)")
         if not image_exists(self.image):
-            raise RuntimeError(f"image {self.image} not found: build it (test/run_container.sh or ./export.sh)")
+            raise RuntimeError(f"image {self.image} not found: build it (tools/run_container.sh or ./export.sh)")
         if self.gpus is None:
             self.gpus = gpu_available()
         user = _docker("run", "--rm", "--network", "none", "--entrypoint", "id", self.image, "-u").stdout.strip()
@@ -166,7 +143,7 @@ class DockerRunner:
         if user.isdigit() and group.isdigit():
             self.user = (int(user), int(group))
         if self.weights is not None:
-            from algorithm.weights import resolve_weights
+            from algorithm.weights_location import resolve_weights
 
             weights = resolve_weights(self.weights)
             self.model_dir = self.out / ".docker-model"

@@ -5,16 +5,16 @@ Written against gcapi 0.16.1 (what requirements-dev.txt installs); the calls it 
 * `gcapi.Client(token=..., base_url=..., verify=...)`: checks the gcapi version with the site first
   (`GET gcapi/`); the base URL must be https (gcapi refuses anything else);
 * `client.algorithms.detail(slug=...)`: once, to check the algorithm exists, the token may use it, and
-  it has an interface with the `stacked-fetal-ultrasound` input and our two outputs;
-* `client.start_algorithm_job(algorithm_slug=..., inputs=[SocketValueSpec(socket_slug=
-  "stacked-fetal-ultrasound", file=<case .mha>)])`: looks up the socket (`GET components/interfaces/`),
+  it has an interface with our input socket and our two outputs (`algorithm.contract`'s slugs);
+* `client.start_algorithm_job(algorithm_slug=..., inputs=[SocketValueSpec(socket_slug=INPUT_SLUG,
+  file=<case .mha>)])`: looks up the socket (`GET components/interfaces/`),
   uploads the file as a multipart user upload (`POST uploads/`, `PATCH .../generate-presigned-urls/`, a
   `PUT` per 32 MiB part, `PATCH .../complete-multipart-upload/`) and creates the job
   (`POST algorithms/jobs/`). (`run_external_job` and `upload_cases` of older gcapi are gone in 0.16.)
 * polling `GET algorithms/jobs/<pk>/` until the status is Succeeded, Failed or Cancelled;
-* `client.download_socket_value(value, output_directory=...)` for `fetal-abdomen-frame-number`, and
-  `client.images.download(url=..., filename="output", image_type=ImageTypeEnum.MHD)` for
-  `fetal-abdomen-segmentation`, so the mask lands as `images/fetal-abdomen-segmentation/output.mha` like
+* `client.download_socket_value(value, output_directory=...)` for the frame-number socket, and
+  `client.images.download(url=..., filename="output", image_type=ImageTypeEnum.MHD)` for the mask
+  socket, so the mask lands as `contract.OUTPUT_MASK` like
   the local runner's (download_socket_value would name it `<image pk>.mha` and fetch every file of the
   image). Note: in gcapi 0.16.1 `image_type` must be the enum; the string "MHD" matches nothing.
 
@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Callable, TypeVar
 from urllib.parse import quote, quote_plus
 
+from algorithm.contract import FRAME_SLUG, INPUT_SLUG, MASK_SLUG
 from training import layout
 
 from .cases import Case, read_json, write_json_atomic
@@ -56,9 +57,6 @@ T = TypeVar("T")
 
 TOKEN_ENV = "GRAND_CHALLENGE_AUTHORIZATION"
 DEFAULT_BASE_URL = "https://grand-challenge.org/api/v1/"
-INPUT_SOCKET = "stacked-fetal-ultrasound"
-MASK_SOCKET = "fetal-abdomen-segmentation"
-FRAME_SOCKET = "fetal-abdomen-frame-number"
 SUCCEEDED = "Succeeded"
 FAILED_STATES = ("Failed", "Cancelled")
 JOBS_FILE = "grand-challenge-jobs.json"
@@ -236,14 +234,14 @@ class GrandChallengeRunner:
                 raise FatalError(f"{self.base_url} rejected the token (HTTP {status})") from None
             raise FatalError(f"cannot reach {self.base_url}: {type(error).__name__}: "
                              f"{self.redact(str(error))[:300]}") from None
-        matching = [i for i in algorithm.interfaces if {s.slug for s in i.inputs} == {INPUT_SOCKET}]
+        matching = [i for i in algorithm.interfaces if {s.slug for s in i.inputs} == {INPUT_SLUG}]
         if not matching:
             found = [sorted(s.slug for s in i.inputs) for i in algorithm.interfaces]
             raise FatalError(f"algorithm '{self.algorithm}' has no interface with the single input "
-                             f"'{INPUT_SOCKET}' (its interfaces take {found})")
+                             f"'{INPUT_SLUG}' (its interfaces take {found})")
         outputs = {s.slug for s in matching[0].outputs}
-        if not {MASK_SOCKET, FRAME_SOCKET} <= outputs:
-            raise FatalError(f"algorithm '{self.algorithm}' does not output {MASK_SOCKET} and {FRAME_SOCKET} "
+        if not {MASK_SLUG, FRAME_SLUG} <= outputs:
+            raise FatalError(f"algorithm '{self.algorithm}' does not output {MASK_SLUG} and {FRAME_SLUG} "
                              f"(it outputs {sorted(outputs)})")
         log.info("algorithm %s (%s) on %s, up to %d jobs at once", algorithm.title, algorithm.slug,
                  self.base_url, self.parallel)
@@ -258,7 +256,7 @@ class GrandChallengeRunner:
 
         job = self._call(f"{case.uuid}: upload and start job", lambda: self.client.start_algorithm_job(
             algorithm_slug=self.algorithm,
-            inputs=[SocketValueSpec(socket_slug=INPUT_SOCKET, file=case.image)]))
+            inputs=[SocketValueSpec(socket_slug=INPUT_SLUG, file=case.image)]))
         self._record_job(case.uuid, pk=job.pk, status=job.status, created=time.time())
         log.info("%s: job %s %s", case.uuid, job.pk, job.status)
         return job.pk
@@ -293,13 +291,13 @@ class GrandChallengeRunner:
 
         job = HyperlinkedJob(**data)
         outputs = {value.interface.slug: value for value in job.outputs}
-        absent = [slug for slug in (MASK_SOCKET, FRAME_SOCKET) if slug not in outputs]
+        absent = [slug for slug in (MASK_SLUG, FRAME_SLUG) if slug not in outputs]
         if absent:
             raise RuntimeError(f"job {job.pk} succeeded without output(s) {absent} "
                                f"(it has {sorted(outputs)})")
-        frame, mask = outputs[FRAME_SOCKET], outputs[MASK_SOCKET]
+        frame, mask = outputs[FRAME_SLUG], outputs[MASK_SLUG]
         if not mask.image:
-            raise RuntimeError(f"job {job.pk}: {MASK_SOCKET} holds no image")
+            raise RuntimeError(f"job {job.pk}: {MASK_SLUG} holds no image")
 
         def fetch() -> None:
             for child in staging.iterdir():  # a retried download starts clean (gcapi never overwrites)
@@ -311,7 +309,7 @@ class GrandChallengeRunner:
             files = self.client.images.download(url=str(mask.image), output_directory=staging / layout.OUTPUT_MASK_DIR,
                                                 filename="output", image_type=ImageTypeEnum.MHD)
             if not files:
-                raise RuntimeError(f"job {job.pk}: the {MASK_SOCKET} image has no .mha file")
+                raise RuntimeError(f"job {job.pk}: the {MASK_SLUG} image has no .mha file")
 
         self._call(f"{case.uuid}: download outputs of job {job.pk}", fetch)
 

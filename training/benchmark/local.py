@@ -14,7 +14,7 @@ from pathlib import Path
 
 from algorithm.run import load, process_case
 from algorithm.contract import read_stack
-from algorithm.weights import resolve_weights
+from algorithm.weights_location import resolve_weights
 
 from .cases import Case
 

@@ -1,8 +1,8 @@
-"""`python test/gpu_check.py`: verify the GPU path of `python -m algorithm` in one command; exit 1 if any check fails.
+"""`python tools/gpu_check.py`: verify the GPU path of `python -m algorithm` in one command; exit 1 if any check fails.
 
-    python test/gpu_check.py --json build/gpu_check.json              # on a CUDA machine: every section
-    python test/gpu_check.py --device cpu --quick --json F            # what needs no GPU (CI runs this)
-    python test/gpu_check.py --device cpu --json F                    # everything the CPU allows (minutes)
+    python tools/gpu_check.py --json build/gpu_check.json              # on a CUDA machine: every section
+    python tools/gpu_check.py --device cpu --quick --json F            # what needs no GPU (CI runs this)
+    python tools/gpu_check.py --device cpu --json F                    # everything the CPU allows (minutes)
 
 Sections, each a row group of the printed table and a key of the JSON (`checks` holds name -> true/false):
 
@@ -30,7 +30,7 @@ but no open_clip, SimpleITK or project .venv): download the missing wheels here 
 then, there, from the repository root (`.whl` carried along):
 
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && \
-        PYTHONUNBUFFERED=1 python3 test/gpu_check.py --site /tmp/site --json OUT/gpu_check.json
+        PYTHONUNBUFFERED=1 python3 tools/gpu_check.py --site /tmp/site --json OUT/gpu_check.json
 
 `--site` appends the folder to the module search path (of this process and of the algorithm it starts), so
 packages the machine has win and the wheels only fill gaps (peft is there only for machines without one).
@@ -136,7 +136,7 @@ def sync(device) -> None:
 
 
 def make_case(seed: int, frames_per_sweep: int):
-    from training.phantom import generate_case
+    from training.replica import generate_case
 
     return generate_case(seed, frames_per_sweep=frames_per_sweep)
 
@@ -245,7 +245,7 @@ def correctness(report: Report, device: str, quick: bool, seed: int, frames_per_
         stack = case.image
         figures["case"] = {"seed": seed, "frames": int(len(stack)), "weights": bundled_weights().name}
         # The reference decodes every frame (all mask fractions compared); --quick keeps the lazy decoder
-        # (same chosen frame by construction) to stay within minutes on a 2-core machine.
+        # (same chosen frame by construction) to stay within minutes on a small CPU.
         reference = predictor_for(bundled_weights(), "cpu", precision="fp32", coarse_stride=1,
                                   lazy_decoder="auto" if quick else "off").predict(stack)
         finite = np.isfinite(reference.scores.probabilities[reference.scores.scored]).all() and \
@@ -305,7 +305,7 @@ def full_size(report: Report, device: str, stack, frames: int) -> dict:
     import numpy as np
     import torch
 
-    from algorithm.benchmark import count_flops
+    from training.speed import count_flops
     from algorithm.config import Config, ModelConfig
     from algorithm.inference import Predictor, liftoff_frames
     from algorithm.model.fetalclipseg import build_model
@@ -420,7 +420,7 @@ def speed(report: Report, device: str, stack, flops: dict, warm_cases: int, site
         torch.manual_seed(0)
         model = build_model(ModelConfig())
         save_checkpoint(checkpoint, model, model.config, provenance="random initialisation (seed 0) written by "
-                        "test/gpu_check.py for timings; not trained")
+                        "tools/gpu_check.py for timings; not trained")
         del model
         gc.collect()
         case = write_case(stack, work / "case")

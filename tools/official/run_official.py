@@ -1,6 +1,7 @@
 """Run the challenge's own evaluation code on a predictions folder and print its per-case results as JSON.
 
-    PYTHON test/official/run_official.py --checkout DIR --predictions P --ground-truth G --out F.json
+    PYTHON tools/official/run_official.py --checkout DIR --predictions P --ground-truth G --out F.json \
+        --sockets INPUT_SLUG MASK_SLUG FRAME_SLUG
 
 PYTHON is an interpreter with the official code's requirements (SimpleITK, numpy, evalutils 0.4,
 opencv-python-headless, psutil); `--checkout` a clone of DIAGNijmegen/ACOUSLIC-AI-evaluation-method.
@@ -27,7 +28,11 @@ from pathlib import Path
 
 MASKS_DIR = Path("masks") / "stacked_fetal_abdomen"
 CIRCUMFERENCES_CSV = Path("circumferences") / "fetal_abdominal_circumferences_per_sweep.csv"
-FRAME_JSON = "fetal-abdomen-frame-number.json"
+SOCKETS = {"input": "", "mask": "", "frame": ""}  # the algorithm's socket slugs, from --sockets
+
+
+def frame_json() -> str:
+    return f"{SOCKETS['frame']}.json"
 
 
 def job(uuid: str) -> dict:
@@ -35,11 +40,9 @@ def job(uuid: str) -> dict:
     return {
         "pk": uuid,
         "inputs": [{"image": {"name": f"{uuid}.mha"},
-                    "interface": {"slug": "stacked-fetal-ultrasound",
-                                  "relative_path": "images/stacked-fetal-ultrasound"}}],
-        "outputs": [{"interface": {"slug": "fetal-abdomen-segmentation",
-                                   "relative_path": "images/fetal-abdomen-segmentation"}},
-                    {"interface": {"slug": "fetal-abdomen-frame-number", "relative_path": FRAME_JSON}}],
+                    "interface": {"slug": SOCKETS["input"], "relative_path": f"images/{SOCKETS['input']}"}}],
+        "outputs": [{"interface": {"slug": SOCKETS["mask"], "relative_path": f"images/{SOCKETS['mask']}"}},
+                    {"interface": {"slug": SOCKETS["frame"], "relative_path": frame_json()}}],
     }
 
 
@@ -53,7 +56,7 @@ def stage(predictions: Path, ground_truth: Path, root: Path) -> list[str]:
     uuids = []
     for mask in sorted((ground_truth / MASKS_DIR).glob("*.mha")):
         uuid = mask.stem
-        if not (predictions / uuid / FRAME_JSON).is_file():
+        if not (predictions / uuid / frame_json()).is_file():
             continue
         (root / "input" / uuid).mkdir(parents=True)
         (root / "input" / uuid / "output").symlink_to((predictions / uuid).resolve())
@@ -72,7 +75,10 @@ def main() -> int:
     parser.add_argument("--predictions", type=Path, required=True)
     parser.add_argument("--ground-truth", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--sockets", nargs=3, required=True, metavar=("INPUT", "MASK", "FRAME"),
+                        help="the algorithm's socket slugs (algorithm.contract)")
     args = parser.parse_args()
+    SOCKETS.update(zip(("input", "mask", "frame"), args.sockets))
     checkout = args.checkout.resolve()
     predictions, ground_truth, out = (p.resolve() for p in (args.predictions, args.ground_truth, args.out))
 

@@ -1,6 +1,6 @@
 """Write a randomly initialised small FetalCLIPSEG checkpoint (for the container test when no weights exist).
 
-    python test/container/random_checkpoint.py --out DIR/random-small.safetensors [--seed 0]
+    python tools/container/random_checkpoint.py --out DIR/random-small.safetensors [--seed 0]
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     config = ModelConfig.small()
     model = build_model(config)
     save_checkpoint(args.out, model, model.config, provenance=f"random initialisation (seed {args.seed}) written by "
-                    "test/container/random_checkpoint.py for the container test; not trained")
+                    "tools/container/random_checkpoint.py for the container test; not trained")
     print(f"random_checkpoint: {args.out}")
     return 0
 

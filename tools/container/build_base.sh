@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build (or reuse) a local stand-in for the PyTorch CUDA runtime base image.
 #
-# Used by test/run_container.sh when the Dockerfile's default BASE_IMAGE cannot be
+# Used by tools/run_container.sh when the Dockerfile's default BASE_IMAGE cannot be
 # pulled (no registry reachable). Recipe: debootstrap a minimal Debian bookworm
 # (python3 3.11, matching the cp311 wheels on the host), create /opt/venv inside it,
 # pip-install requirements.txt into that venv with the host's pip configuration and
@@ -11,7 +11,7 @@
 # once per machine and reused afterwards. Prints the tag as the last line of stdout;
 # all progress goes to stderr.
 #
-# usage: test/container/build_base.sh            (needs root, debootstrap, docker)
+# usage: tools/container/build_base.sh            (needs root, debootstrap, docker)
 # env:   BASE_REPO   image repository name      (default acouslic-local-base)
 #        DEBIAN_MIRROR                          (default http://deb.debian.org/debian)
 #        BASE_WORKDIR where the rootfs is built (default /var/tmp)

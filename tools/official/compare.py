@@ -1,8 +1,8 @@
-"""Score the same cases with `python -m training.evaluate --official` and with the official code itself,
+"""Score the same cases with `python -m training evaluate --official` and with the official code itself,
 and list every per-case value on which they differ by more than 1e-9.
 
-    .venv/bin/python test/official/compare.py --checkout DIR --official-python PY --work DIR [--random N] [--seed S]
-    .venv/bin/python test/official/compare.py --checkout DIR --official-python PY --work DIR \
+    .venv/bin/python tools/official/compare.py --checkout DIR --official-python PY --work DIR [--random N] [--seed S]
+    .venv/bin/python tools/official/compare.py --checkout DIR --official-python PY --work DIR \
         --ground-truth G --predictions P
 
 `--checkout` is a clone of DIAGNijmegen/ACOUSLIC-AI-evaluation-method, `--official-python` an interpreter
@@ -67,12 +67,17 @@ def compare(ours: dict, theirs: dict) -> tuple[int, list[str]]:
 
 def run_both(checkout: Path, official_python: str, ground_truth: Path, predictions: Path, work: Path) -> tuple[dict, dict]:
     """Our --official report (with the checkout's FOV mask) and the official code's per-case results."""
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    from algorithm.contract import FRAME_SLUG, INPUT_SLUG, MASK_SLUG
+
     ours_json, theirs_json = work / "ours.json", work / "official.json"
-    subprocess.run([sys.executable, "-m", "training.evaluate", "--official", "--predictions", str(predictions),
+    subprocess.run([sys.executable, "-m", "training", "evaluate", "--official", "--predictions", str(predictions),
                     "--ground-truth", str(ground_truth), "--fov-mask", str(checkout / "data" / "fov_mask.mha"),
                     "--json", str(ours_json)], cwd=REPO, check=True, capture_output=True, text=True)
     subprocess.run([official_python, str(HERE / "run_official.py"), "--checkout", str(checkout),
-                    "--predictions", str(predictions), "--ground-truth", str(ground_truth), "--out", str(theirs_json)],
+                    "--predictions", str(predictions), "--ground-truth", str(ground_truth), "--out", str(theirs_json),
+                    "--sockets", INPUT_SLUG, MASK_SLUG, FRAME_SLUG],
                    check=True, capture_output=True, text=True)
     return json.loads(ours_json.read_text()), json.loads(theirs_json.read_text())
 

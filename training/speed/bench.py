@@ -1,6 +1,6 @@
-"""`python -m algorithm.benchmark`: case-level speed of our pipeline against the paper-style reference.
+"""`python -m training speed`: case-level speed of our pipeline against the paper-style reference.
 
-On one generated replica case (training.phantom, a dev dependency imported lazily) it times every stage
+On one generated replica case (`training.replica`) it times every stage
 (read, field of view, preprocess, encode, decode, select, post-process, write) of
 
 * our pipeline (`algorithm.inference.Predictor` with its defaults: LoRA merged, inference mode, bf16 on
@@ -25,246 +25,31 @@ import argparse
 import copy
 import json
 import math
-import os
-import platform
-import resource
 import sys
 import tempfile
-import threading
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
 
-from .config import Config, InferenceConfig, ModelConfig
-from .inference import FrameScores, Predictor, StageTimer
-from .runtime import resolve_device
-from .postprocess import abdomen_probability, clean_mask
-from .preprocess import preprocess_frames
-from .select import NO_FRAME, select_frame
+import algorithm
+from algorithm.config import Config, InferenceConfig, ModelConfig
+from algorithm.inference import FrameScores, Predictor, StageTimer
+from algorithm.preprocess import preprocess_frames
+from algorithm.runtime import resolve_device
+from training.speed.measure import (PeakRSS, activation_bytes_per_frame, count_flops, cuda_peak, device_name,
+                                    gpu_peak_tflops, memory_estimate)
+from training.speed.oracle import LabelOracle
+from training.metrics import case_score
+from training.replica import generate_case
+from training.speed.reference import ReferencePipeline
 
-BUNDLED_WEIGHTS = Path(__file__).resolve().parent / "weights"
-# Dense tensor-core peaks (TFLOP/s) of the GPUs we may run on: fp16 on T4 (bf16 unsupported), bf16 otherwise.
-GPU_PEAK_TFLOPS = {"T4": 65.0, "A10G": 70.0, "L4": 121.0, "A100": 312.0, "H100": 756.0, "H200": 790.0}
+BUNDLED_WEIGHTS = Path(algorithm.__file__).resolve().parent / "weights"
 STAGES = ("read", "field_of_view", "preprocess", "encode", "decode", "scores", "select", "postprocess", "write",
           "other")
-
-
-# ------------------------------------------------------------------------------------------ reference path
-
-class ReferencePipeline:
-    """FetalCLIPSEG run like the published code: every frame, fp32, hooks, per-frame host post-processing.
-
-    The model is used as loaded (LoRA adapters unmerged). Intermediate token maps come from forward hooks
-    on the transformer blocks of `visual(x)`; the network's outputs are the same as `FetalCLIPSeg.forward`.
-    """
-
-    def __init__(self, model: torch.nn.Module, config: Config, device: torch.device):
-        self.model = model.to(device).eval()
-        self.config = config
-        self.device = device
-        visual = self.model.encoder.visual
-        self.visual = visual
-        self.blocks = [visual.transformer.resblocks[i - 1] for i in config.model.skip_layers]
-        self.batch_first = getattr(visual.transformer, "batch_first", True)
-        self.captured: dict[int, torch.Tensor] = {}
-        self.handles = [block.register_forward_hook(self._hook(i)) for i, block in enumerate(self.blocks)]
-
-    def _hook(self, position: int):
-        def capture(_module, _inputs, output):
-            self.captured[position] = output if self.batch_first else output.transpose(0, 1)
-        return capture
-
-    def close(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-
-    def forward(self, x: torch.Tensor, timer: StageTimer) -> tuple[torch.Tensor, torch.Tensor]:
-        with timer("encode"):
-            self.captured.clear()
-            embedding = self.visual(x)
-            grid = self.config.model.grid_size
-            features = [self.captured[i][:, 1:].transpose(1, 2).reshape(x.shape[0], -1, grid, grid)
-                        for i in range(len(self.blocks))]
-            frame_logits = self.model.frame_head(embedding)
-        with timer("decode"):
-            mask_logits = self.model.decoder(x, features)
-        return mask_logits, frame_logits
-
-    @torch.no_grad()
-    def predict(self, stack: np.ndarray, timer: StageTimer) -> dict:
-        n_frames, height, width = stack.shape
-        inference = self.config.inference
-        size = self.config.model.image_size
-        probabilities = np.zeros((n_frames, 3))
-        fractions = np.zeros(n_frames)
-        maps: list[np.ndarray] = []
-        with timer("field_of_view"):
-            from .fov import fov_from_stack
-            fov = fov_from_stack(stack)
-        batch = max(1, inference.batch_size)
-        for start in range(0, n_frames, batch):
-            with timer("preprocess"):
-                x = preprocess_frames(torch.from_numpy(stack[start:start + batch]), size).to(self.device)
-            mask_logits, frame_logits = self.forward(x, timer)
-            with timer("scores"):  # the published code's per-frame loop over host arrays
-                probs = torch.softmax(frame_logits, dim=1).cpu().numpy()
-                masks = torch.softmax(mask_logits, dim=1).cpu().numpy()
-                for row in range(len(probs)):
-                    abdomen = 1.0 - masks[row, 0]
-                    binary = (abdomen >= inference.mask_threshold).astype(np.uint8)
-                    probabilities[start + row] = probs[row]
-                    fractions[start + row] = binary.sum() / float(binary.size)
-                    maps.append(abdomen.astype(np.float32))
-        with timer("select"):
-            selection = select_frame(probabilities, fractions, inference)
-        with timer("postprocess"):
-            mask = None
-            if selection.frame != NO_FRAME:
-                probability = abdomen_probability(torch.from_numpy(maps[selection.frame]), height, width)
-                mask = clean_mask(probability, fov, inference.mask_threshold)
-        return {"frame": selection.frame, "mask": mask, "frames_encoded": n_frames, "frames_decoded": n_frames,
-                "probabilities": probabilities, "fractions": fractions}
-
-
-# ------------------------------------------------------------------------------------------ measurements
-
-class PeakRSS:
-    """Peak resident memory of this process while the block runs (sampled every 10 ms), in MiB."""
-
-    def __init__(self):
-        self.peak = 0.0
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    @staticmethod
-    def current() -> float:
-        try:
-            with open("/proc/self/statm") as handle:
-                return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-        except (OSError, ValueError):
-            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.01):
-            self.peak = max(self.peak, self.current())
-
-    def __enter__(self) -> "PeakRSS":
-        self.peak = self.current()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-        self.peak = max(self.peak, self.current())
-
-
-@contextmanager
-def cuda_peak(device: torch.device) -> Iterator[dict]:
-    out: dict[str, float | None] = {"max_allocated_mb": None}
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-    yield out
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        out["max_allocated_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
-
-
-def count_flops(model: torch.nn.Module, config: ModelConfig, device: torch.device) -> dict[str, float]:
-    """GFLOP of one frame through the encoder (+ frame head) and through the decoder (multiply-add = 2)."""
-    x = torch.zeros(1, 3, config.image_size, config.image_size, device=device)
-    dtype = next(model.encoder.parameters()).dtype
-    # FlopCounterMode has no formula for the fused `_native_multi_head_attention` kernel that
-    # nn.MultiheadAttention takes in inference: without this switch the in-projection and attention
-    # (about a third of ViT-L's FLOPs) go uncounted.
-    fastpath = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(False)
-    try:
-        return _count_flops(model, x, dtype)
-    finally:
-        torch.backends.mha.set_fastpath_enabled(fastpath)
-
-
-def _count_flops(model: torch.nn.Module, x: torch.Tensor, dtype: torch.dtype) -> dict[str, float]:
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with torch.inference_mode():
-        with FlopCounterMode(display=False) as counter:
-            features, embedding = model.encoder(x.to(dtype))
-            model.frame_head(embedding.float())
-        encoder = counter.get_total_flops()
-        with FlopCounterMode(display=False) as counter:
-            model.decoder(x, [f.float() for f in features])
-        decoder = counter.get_total_flops()
-    return {"encoder_gflop": encoder / 1e9, "decoder_gflop": decoder / 1e9, "total_gflop": (encoder + decoder) / 1e9}
-
-
-def activation_bytes_per_frame(model: torch.nn.Module, config: ModelConfig, batch: int = 4) -> float:
-    """Peak bytes of tensors alive during one fp32 forward pass of a CPU model, per frame, from the
-    profiler's allocation events. Under CUDA fp16 autocast most activations take half of that, the
-    residual stream and normalisation outputs stay fp32: the fp32 figure is an upper bound."""
-    from torch.profiler import ProfilerActivity, profile
-
-    x = torch.zeros(batch, 3, config.image_size, config.image_size)
-    with torch.no_grad():
-        model(x)  # warm-up: one-off caches are not activations
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            model(x)
-    # Allocations are charged to the op that made them (its self memory, net of what it freed itself);
-    # frees outside any op are "[memory]" events. Replaying both in time order gives the live total.
-    deltas = [(e.time_range.start, e.cpu_memory_usage if e.name == "[memory]" else e.self_cpu_memory_usage)
-              for e in prof.events()]
-    live = peak = 0
-    for _, delta in sorted(deltas, key=lambda d: d[0]):
-        live += delta
-        peak = max(peak, live)
-    return peak / batch
-
-
-def memory_estimate(model: torch.nn.Module, config: ModelConfig, batch_size: int, per_frame: float) -> dict:
-    """GPU memory at `batch_size` under fp16: the encoder's matrix weights in fp16 (cast once at load, as
-    `Predictor` does; this casts `model`'s), the other weights fp32, + activations (fp32 upper bound), plus
-    30 % for the caching allocator's fragmentation and cuBLAS/cuDNN workspaces. The CUDA context itself
-    (about 0.3-0.5 GB on a T4) is not counted."""
-    from .inference import cast_matmul_weights
-
-    params = sum(p.numel() for p in model.parameters())
-    half = cast_matmul_weights(model.encoder, torch.float16) if hasattr(model, "encoder") else 0
-    weights = (params - half) * 4 + half * 2
-    activations = per_frame * batch_size
-    total = (weights + activations) * 1.3
-    return {"parameters_m": round(params / 1e6, 1), "weights_gb": round(weights / 1e9, 2),
-            "activations_per_frame_mb": round(per_frame / 1e6, 1), "batch_size": batch_size,
-            "activations_gb": round(activations / 1e9, 2), "estimate_gb": round(total / 1e9, 2),
-            "rule": "(fp16 encoder matrix weights + other weights fp32 + batch x fp32 activation peak per "
-                    "frame) x 1.3"}
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} CPUs visible)"
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
-
-
-def gpu_peak_tflops(name: str) -> float | None:
-    for key, value in GPU_PEAK_TFLOPS.items():
-        if key in name:
-            return value
-    return None
 
 
 # ------------------------------------------------------------------------------------------ set-up
@@ -280,9 +65,9 @@ class Weights:
     def model(self) -> torch.nn.Module:
         """A fresh model with these weights (LoRA unmerged), on the CPU."""
         if self.path is not None:
-            from .model.checkpoint import load_checkpoint
+            from algorithm.model.checkpoint import load_checkpoint
             return load_checkpoint(self.path, device="cpu")[0]
-        from .model.fetalclipseg import build_model
+        from algorithm.model.fetalclipseg import build_model
         model = build_model(self.config)
         model.load_state_dict(self.state)
         return model
@@ -290,7 +75,7 @@ class Weights:
 
 def choose_weights(config_name: str, weights: Path | None) -> Weights:
     """--weights; else the bundled demo weights (small config only); else random initialisation."""
-    from .model.checkpoint import read_checkpoint_info
+    from algorithm.model.checkpoint import read_checkpoint_info
 
     if weights is None and config_name == "small":
         found = sorted(BUNDLED_WEIGHTS.glob("*.safetensors"))
@@ -298,7 +83,7 @@ def choose_weights(config_name: str, weights: Path | None) -> Weights:
     if weights is not None:
         info = read_checkpoint_info(weights)
         return Weights(info.config, None, Path(weights), f"{weights}: {info.provenance}", meaningful=True)
-    from .model.fetalclipseg import build_model
+    from algorithm.model.fetalclipseg import build_model
 
     config = ModelConfig.small() if config_name == "small" else ModelConfig()
     torch.manual_seed(0)
@@ -310,8 +95,6 @@ def choose_weights(config_name: str, weights: Path | None) -> Weights:
 
 
 def make_case(seed: int, frames_per_sweep: int) -> np.ndarray:
-    from training.phantom import generate_case  # dev dependency, only the benchmark needs it
-
     return generate_case(seed, frames_per_sweep=frames_per_sweep).image
 
 
@@ -320,7 +103,7 @@ def time_read_write(stack: np.ndarray, frame: int, mask: np.ndarray | None) -> t
     with `contract.write_outputs`: (wall s, CPU s, the stack as read)."""
     import SimpleITK as sitk
 
-    from .contract import read_stack, write_outputs
+    from algorithm.contract import read_stack, write_outputs
 
     with tempfile.TemporaryDirectory(prefix="benchmark-") as tmp:
         path = Path(tmp) / "case.mha"
@@ -456,74 +239,9 @@ def print_report(report: dict) -> None:
 
 # ------------------------------------------------------------------------------------------ search check
 
-class LabelOracle(torch.nn.Module):
-    """A stand-in network for checking the frame search without trained weights (dev tool).
-
-    It recognises each frame of one replica case by a signature of its network input (4 x 4 block means)
-    and answers what a good network would: frame-head logits from the ground-truth labels blurred along
-    time (a network is unsure at the ends of a run) plus Gaussian logit noise, and the ground-truth mask
-    as the mask logits. It has FetalCLIPSeg's three parts, so `Predictor` runs it like the real model.
-    """
-
-    def __init__(self, stack: np.ndarray, labels: np.ndarray, image_size: int, noise: float, seed: int):
-        super().__init__()
-        from scipy import ndimage
-
-        self.image_size = image_size
-        signatures = []
-        for start in range(0, len(stack), 64):
-            signatures.append(self.signature(preprocess_frames(stack[start:start + 64], image_size)))
-        self.signatures = torch.cat(signatures)
-        annotated = labels.reshape(len(labels), -1)
-        optimal = (annotated == 1).any(axis=1).astype(np.float64)
-        suboptimal = (annotated == 2).any(axis=1).astype(np.float64)
-        rng = np.random.default_rng(seed)
-        q_opt = ndimage.gaussian_filter1d(optimal, 1.0)
-        q_sub = ndimage.gaussian_filter1d(suboptimal, 1.0)
-        logits = np.stack([np.zeros(len(labels)), 6.0 * q_sub - 2.5, 6.0 * q_opt - 2.5], axis=1)
-        self.frame_logits = torch.tensor(logits + rng.normal(0.0, noise, logits.shape), dtype=torch.float32)
-        self.masks: dict[int, torch.Tensor] = {}
-        for frame in np.flatnonzero(optimal + suboptimal):
-            square = preprocess_frames((labels[frame:frame + 1] > 0).astype(np.uint8) * 255, image_size)
-            self.masks[int(frame)] = square[0, 0] > square[0, 0].mean()
-        outer = self
-
-        class Encoder(torch.nn.Module):
-            def forward(self, x):
-                index = outer.lookup(x).float().view(-1, 1, 1, 1)
-                return [index] * 4, index.view(-1, 1)
-
-        class Head(torch.nn.Module):
-            def forward(self, embedding):
-                return outer.frame_logits[embedding.view(-1).long()]
-
-        class Decoder(torch.nn.Module):
-            def forward(self, x, features):
-                frames = features[0].view(-1).long().tolist()
-                logits = torch.full((len(frames), 2, outer.image_size, outer.image_size), -8.0)
-                logits[:, 0] = 8.0
-                for row, frame in enumerate(frames):
-                    if frame in outer.masks:
-                        logits[row, 1] = torch.where(outer.masks[frame], 8.0, -8.0)
-                return logits
-
-        self.encoder, self.frame_head, self.decoder = Encoder(), Head(), Decoder()
-
-    @staticmethod
-    def signature(x: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.adaptive_avg_pool2d(x[:, :1].float(), 4).flatten(1).double()
-
-    def lookup(self, x: torch.Tensor) -> torch.Tensor:
-        distances = torch.cdist(self.signature(x), self.signatures)
-        return distances.argmin(dim=1)
-
-
 def compare_search(args: argparse.Namespace) -> dict:
     """Coarse-to-fine against the dense scan on `args.compare_search` replica cases (seeds from `args.seed`):
     chosen frames, challenge scores (training.metrics.case_score) and frames encoded."""
-    from training.metrics import case_score
-    from training.phantom import generate_case
-
     device = resolve_device(args.device)
     oracle = args.weights is None and not sorted(BUNDLED_WEIGHTS.glob("*.safetensors"))
     weights = None if oracle else choose_weights("small", args.weights)
@@ -574,7 +292,7 @@ def compare_search(args: argparse.Namespace) -> dict:
 # ------------------------------------------------------------------------------------------ main
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m algorithm.benchmark", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m training speed", description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=Path, default=None, help="write the report here")
     parser.add_argument("--config", choices=["small", "full"], default="small")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
@@ -659,7 +377,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         "weights": str(weights.path) if weights.path else "random",
         "weights_note": weights.note,
         "torch": torch.__version__,
-        "case": {"generator": "training.phantom", "seed": args.seed, "frames_per_sweep": args.frames_per_sweep},
+        "case": {"generator": "training.replica", "seed": args.seed, "frames_per_sweep": args.frames_per_sweep},
         "frames": n_frames,
         "frames_encoded": ours.frames_encoded,
         "frames_decoded": ours.frames_decoded,

@@ -3,20 +3,24 @@
 # variants and run each the way grand-challenge runs it, then check every output and compare it with
 # `python -m algorithm` run outside the container on the same case and weights.
 #
+# It changes nothing on the machine unless asked: without a Docker engine that answers (or without the base
+# image and a way to pull it) it prints why it is skipped and exits 0. INSTALL_DOCKER=1 (CI sets it; needs
+# root) lets it install Debian's docker.io, start dockerd and build the base image with debootstrap.
+#
 # Phases (each one timed):
-#   1. docker   - make sure a Docker engine answers: install Debian's docker.io and start dockerd if not
-#   2. base     - the Dockerfile's BASE_IMAGE if present or pullable, else a local stand-in built by
-#                 test/container/build_base.sh (debootstrap bookworm + venv with requirements.txt),
-#                 cached by a hash of requirements.txt and the recipe
+#   1. docker   - a Docker engine that answers; with INSTALL_DOCKER=1, install docker.io and start dockerd
+#   2. base     - the Dockerfile's BASE_IMAGE if present or pullable, else (INSTALL_DOCKER=1) a local
+#                 stand-in built by tools/container/build_base.sh (debootstrap bookworm + venv with
+#                 requirements.txt), cached by a hash of requirements.txt and the recipe
 #   3. build    - docker build --build-arg API=exec|invoke; checks the non-root USER, that the label
 #                 org.grand-challenge.api-method and the entrypoint agree, the contents, no weights inside
 #   4. weights  - $TEST_WEIGHTS, else the bundled algorithm/weights/*.safetensors, else a random small
 #                 checkpoint; staged as the model tarball's contents (mounted at /opt/ml/model), and baked
 #                 into a copy of the exec image by ./export.sh -w
 #   5. cases    - one 840-frame replica case, one without abdomen, one broken file, each laid out as a job's
-#                 inputs (images/stacked-fetal-ultrasound/<uuid>.mha + inputs.json); the host runs
+#                 inputs (the image in the input socket's folder + inputs.json); the host runs
 #   6. exec     - the image as PID 1 (docker run): without weights it refuses (exit 3); `docker stop` in the
-#                 middle of a case ends it within STOP_LIMIT seconds; then test/container/shim.py plays the
+#                 middle of a case ends it within STOP_LIMIT seconds; then tools/container/shim.py plays the
 #                 platform's shim in the container (as its PID 1, root): per job /input re-pointed as a
 #                 symbolic link to /opt/ml/input/data/<job>-input, the entrypoint run as the image's user
 #                 once per job (image with baked weights, no model mount)
@@ -26,10 +30,11 @@
 #   Every run: --network none (the shim talks to the server inside the container's own network namespace),
 #   memory limit, every capability dropped but those the shim needs (the algorithm runs with none),
 #   no-new-privileges, a fresh /tmp volume, --gpus all only where nvidia-smi works; outputs checked by
-#   test/container/check_outputs.py (contract + identical to the host run), the shim's record by
-#   test/container/check_shim.py, and `docker diff` must show no file written outside /output and /tmp.
+#   tools/check_outputs.py (contract + identical to the host run), the shim's record by
+#   tools/container/check_shim.py, and `docker diff` must show no file written outside /output and /tmp.
 #
 # Environment knobs:
+#   INSTALL_DOCKER=0|1 (1: may install docker.io, start dockerd, debootstrap the base image; needs root)
 #   API=both|exec|invoke               IMAGE=acouslic-fetalclipseg:test (exec; invoke: IMAGE-invoke)
 #   BASE_IMAGE=<override>              CONTAINER_TEST_PULL=0 (never try to pull)
 #   TEST_WEIGHTS=path.safetensors      CASES_DIR=test/cases     CONTAINER_MEMORY=15g
@@ -69,6 +74,8 @@ PHASE_NAME=""
 PHASE_T0=0
 log()  { echo "[container-test] $*"; }
 die()  { echo "[container-test] FAIL: $*" >&2; exit 1; }
+skip() { trap - EXIT; echo "container test skipped: $*"; exit 0; }
+INSTALL_DOCKER="${INSTALL_DOCKER:-0}"
 phase() {  # phase NAME: close the running phase (if any) and open a new one
     if [ -n "$PHASE_NAME" ]; then
         PHASE_NAMES+=("$PHASE_NAME"); PHASE_SECS+=("$((SECONDS - PHASE_T0))")
@@ -105,6 +112,7 @@ apt_install() {  # apt_install PACKAGE...: Debian packages, quietly (full log in
 # ------------------------------------------------------------------------------- 1. docker engine
 phase "docker engine"
 if ! docker info >/dev/null 2>&1; then
+    [ "$INSTALL_DOCKER" = 1 ] || skip "no Docker engine answers; INSTALL_DOCKER=1 make test installs and starts one (needs root)"
     if ! command -v dockerd >/dev/null 2>&1 || ! command -v docker >/dev/null 2>&1; then
         log "no Docker engine: installing Debian's docker.io"
         apt_install docker.io
@@ -127,11 +135,12 @@ if docker image inspect "$BASE_IMAGE" >/dev/null 2>&1; then
 elif [ "${CONTAINER_TEST_PULL:-1}" = 1 ] && timeout 1800 docker pull -q "$BASE_IMAGE" >/dev/null 2>&1; then
     log "pulled base image $BASE_IMAGE"
 else
+    [ "$INSTALL_DOCKER" = 1 ] || skip "base image $BASE_IMAGE is not present and cannot be pulled; INSTALL_DOCKER=1 make test builds a local stand-in with debootstrap (needs root)"
     log "cannot pull $BASE_IMAGE: building the local stand-in (debootstrap + venv; cached per requirements.txt)"
     if ! command -v debootstrap >/dev/null 2>&1; then
         apt_install debootstrap
     fi
-    BASE_IMAGE="$(as_root bash test/container/build_base.sh | tail -n1)"
+    BASE_IMAGE="$(as_root bash tools/container/build_base.sh | tail -n1)"
     docker image inspect "$BASE_IMAGE" >/dev/null 2>&1 || die "local base image was not built"
 fi
 
@@ -189,7 +198,7 @@ elif [ "${#BUNDLED[@]}" -ge 1 ]; then
     cp "${BUNDLED[0]}" "$MODEL_DIR/"
     WEIGHTS_KIND="bundled"
 else
-    "$PY" test/container/random_checkpoint.py --out "$MODEL_DIR/random-small.safetensors" \
+    "$PY" tools/container/random_checkpoint.py --out "$MODEL_DIR/random-small.safetensors" \
         || die "could not write a random checkpoint (algorithm.model not ready?)"
     WEIGHTS_KIND="random"
 fi
@@ -210,21 +219,21 @@ fi
 
 # ------------------------------------------------------------------------------------------ 5. cases
 phase "cases and host runs"
-make_case() {  # make_case NAME SEED [phantom args...]; reuses a case generated by the same code and args
+make_case() {  # make_case NAME SEED [replica args...]; reuses a case generated by the same code and args
     local name="$1" seed="$2"; shift 2
     local dir="$CASES_DIR/$name" stamp
-    stamp="$( (cat training/*.py algorithm/config.py algorithm/biometry.py test/container/make_case.py; echo "seed=$seed $*") \
+    stamp="$( (cat training/*.py algorithm/config.py algorithm/biometry.py tools/container/make_case.py; echo "seed=$seed $*") \
               | sha256sum | cut -c1-16)"
     if [ -f "$dir/.stamp" ] && [ "$(cat "$dir/.stamp")" = "$stamp" ] && [ -f "$dir/input/inputs.json" ]; then
         log "case $name: reusing $dir"
         return 0
     fi
-    local src="$CASES_DIR/.phantom-$name"
+    local src="$CASES_DIR/.replica-$name"
     rm -rf "$src" "$dir"
     local t0=$SECONDS
-    "$PY" -m training.phantom --out "$src" --cases 1 --seed "$seed" "$@" >"$CASES_DIR/phantom-$name.log" 2>&1 \
-        || { tail -20 "$CASES_DIR/phantom-$name.log" >&2; die "training.phantom failed for case $name"; }
-    "$PY" test/container/make_case.py --source "$src" --case-dir "$dir" >/dev/null
+    "$PY" -m training replica --out "$src" --cases 1 --seed "$seed" "$@" >"$CASES_DIR/replica-$name.log" 2>&1 \
+        || { tail -20 "$CASES_DIR/replica-$name.log" >&2; die "training.replica failed for case $name"; }
+    "$PY" tools/container/make_case.py --source "$src" --case-dir "$dir" >/dev/null
     chmod -R a+rX "$dir"   # readable by the container's user whatever the umask
     rm -rf "$src"
     echo "$stamp" >"$dir/.stamp"
@@ -235,8 +244,9 @@ make_case() {  # make_case NAME SEED [phantom args...]; reuses a case generated 
 make_case normal 11 --frames-per-sweep 140
 make_case no-abdomen 12 --no-abdomen --frames-per-sweep "${NO_ABDOMEN_FRAMES_PER_SWEEP:-50}"
 # Bad input: a file that claims to be an image and is not (exit 2 in exec mode, 422 in invoke mode).
-rm -rf "$CASES_DIR/broken"; mkdir -p "$CASES_DIR/broken/input/images/stacked-fetal-ultrasound"
-printf 'ObjectType = Image\nNDims = 3\nthis is not an image\n' >"$CASES_DIR/broken/input/images/stacked-fetal-ultrasound/broken.mha"
+INPUT_FOLDER="$("$PY" -c 'from algorithm.contract import INPUT_FOLDER; print(INPUT_FOLDER)')"
+rm -rf "$CASES_DIR/broken"; mkdir -p "$CASES_DIR/broken/input/$INPUT_FOLDER"
+printf 'ObjectType = Image\nNDims = 3\nthis is not an image\n' >"$CASES_DIR/broken/input/$INPUT_FOLDER/broken.mha"
 cp "$CASES_DIR/normal/input/inputs.json" "$CASES_DIR/broken/input/inputs.json"
 chmod -R a+rX "$CASES_DIR/broken"
 JOB_CASES=(normal no-abdomen broken)
@@ -270,7 +280,7 @@ check_diff() {  # check_diff CONTAINER: nothing written outside the mounts and t
     [ -z "$unexpected" ] || die "the container wrote outside /output and /tmp: $(echo $unexpected)"
 }
 
-play_shim() {  # play_shim API IMAGE MOUNT_MODEL(1|0) [algorithm args...]: three jobs through test/container/shim.py
+play_shim() {  # play_shim API IMAGE MOUNT_MODEL(1|0) [algorithm args...]: three jobs through tools/container/shim.py
     local api="$1" tag="$2" mount_model="$3"; shift 3
     local name="acouslic-test-$$-$api" results="$CASES_DIR/results-$api" logfile="$CASES_DIR/$api.log" status=0
     local extra=() jobs="$CASES_DIR/jobs-$api.json" cmd_json
@@ -294,7 +304,7 @@ PY
         --cap-add SETUID --cap-add SETGID --cap-add KILL --cap-add CHOWN --cap-add DAC_OVERRIDE --cap-add FOWNER \
         --volume "$name-tmp:/tmp" --volume "$name-data:/opt/ml/input/data" \
         --volume "$CASES_DIR:/cases:ro" --volume "$results:/results" \
-        --volume "$REPO_ROOT/test/container:/shim:ro" \
+        --volume "$REPO_ROOT/tools/container:/shim:ro" \
         "${extra[@]}" \
         --entrypoint python "$tag" /shim/shim.py --api "$api" --user "$UID_IN:$GID_IN" \
         --jobs "/cases/$(basename "$jobs")" --results /results --results-owner "$(id -u):$(id -g)" \
@@ -304,7 +314,7 @@ PY
     docker rm -f "$name" >/dev/null 2>&1 || true
     docker volume rm -f "$name-tmp" "$name-data" >/dev/null 2>&1 || true
     RUNNING=""
-    "$PY" test/container/check_shim.py --results "$results" --log "$logfile" \
+    "$PY" tools/container/check_shim.py --results "$results" --log "$logfile" \
         || { grep -E '^\[shim\]|error' "$logfile" | tail -30 >&2; die "$api: the platform's protocol was not followed (log: $logfile)"; }
     [ "$status" = 0 ] || { tail -30 "$logfile" >&2; die "$api: the shim exited with $status (log: $logfile)"; }
     grep -q "weights /opt/ml/model/" "$logfile" || die "$api: the weights did not come from /opt/ml/model (log: $logfile)"
@@ -319,12 +329,12 @@ compare_with_host() {  # compare_with_host API: each successful job's uploaded o
         for truth in "$CASES_DIR/$name"/reference/*.mha; do [ -f "$truth" ] && truth_args=(--truth "$truth"); done
         reference=(--reference "$CASES_DIR/$name/output-host")
         [ "${#GPU_ARGS[@]}" = 0 ] || reference=()   # GPU numerics differ from the CPU host run: contract only
-        "$PY" test/container/check_outputs.py --input "$CASES_DIR/$name/input" --output "$job/output" \
+        "$PY" tools/check_outputs.py --input "$CASES_DIR/$name/input" --output "$job/output" \
             "${reference[@]}" "${truth_args[@]}" --label "$api: $name (container vs host)" \
             || die "$api: case $name: container outputs violate the contract or differ from the host run"
         expect="$EXPECT_NORMAL"; [ "$name" = normal ] || expect="$EXPECT_EMPTY"
         if [ "$expect" != any ]; then
-            "$PY" test/container/check_outputs.py --input "$CASES_DIR/$name/input" --output "$job/output" \
+            "$PY" tools/check_outputs.py --input "$CASES_DIR/$name/input" --output "$job/output" \
                 --expect "$expect" --label "$api: $name (expected: $expect)" \
                 || die "$api: case $name: wrong decision with $WEIGHTS_KIND weights (container and host agree; EXPECT_$( [ "$name" = normal ] && echo NORMAL || echo EMPTY)=any relaxes this)"
         fi

@@ -20,9 +20,9 @@ import SimpleITK as sitk
 from algorithm.biometry import circumference_mm
 from algorithm.config import PIXEL_SPACING_MM, SWEEPS_PER_CASE, InferenceConfig
 from conftest import REFERENCE, needs_reference_fov, reference_fov
-from training import phantom
+from training import replica
 from training.layout import CIRCUMFERENCES_CSV, CIRCUMFERENCES_HEADER, image_path, list_case_ids, mask_path
-from training.phantom import (LABEL_OPTIMAL, LABEL_SUBOPTIMAL, PhantomConfig, case_rng, generate_case,
+from training.replica import (LABEL_OPTIMAL, LABEL_SUBOPTIMAL, ReplicaConfig, case_rng, generate_case,
                               landmarks, plan_case, reference_measurements, sector_fov, subject_ids,
                               write_dataset)
 
@@ -41,9 +41,9 @@ def dataset(tmp_path_factory) -> tuple[Path, list[str]]:
 
 
 @pytest.fixture(scope="module")
-def plans() -> list[phantom.CasePlan]:
+def plans() -> list[replica.CasePlan]:
     """300 plans at the real 140 frames per sweep, the size of the public training set."""
-    cfg = PhantomConfig()
+    cfg = ReplicaConfig()
     return [plan_case(case_rng(0, i), cfg) for i in range(300)]
 
 
@@ -107,7 +107,7 @@ def test_release_layout_and_csv(dataset):
         assert next(csv.reader(handle)) == CIRCUMFERENCES_HEADER
     rows = read_csv(root)
     assert [r["uuid"] for r in rows] == uuids
-    marker = json.loads((root / phantom.REPLICA_MARKER).read_text())
+    marker = json.loads((root / replica.REPLICA_MARKER).read_text())
     assert marker["seed"] == SEED and marker["config"]["frames_per_sweep"] == K
     assert all(len(r["subject_id"]) == 3 and r["subject_id"].isdigit() for r in rows)
 
@@ -177,7 +177,7 @@ def test_annotation_statistics_match_the_real_training_set(plans):
 
 
 def test_runs_form_one_contiguous_block_inside_one_sweep(plans):
-    k = PhantomConfig().frames_per_sweep
+    k = ReplicaConfig().frames_per_sweep
     for plan in plans:
         for run in plan.runs:
             assert len(run) >= 1 and run.start // k == (run.stop - 1) // k
@@ -188,7 +188,7 @@ def test_runs_form_one_contiguous_block_inside_one_sweep(plans):
 
 
 def test_small_sweeps_keep_a_sane_annotated_fraction():
-    cfg = PhantomConfig(frames_per_sweep=20)
+    cfg = ReplicaConfig(frames_per_sweep=20)
     labels = np.stack([plan_case(case_rng(1, i), cfg).labels() for i in range(300)])
     assert 0.015 <= (labels > 0).mean() <= 0.045
 
@@ -208,7 +208,7 @@ def test_abdomen_is_drawn_only_on_annotated_frames_and_their_neighbours(plans):
 
 
 def test_reference_ac_range_and_median(plans):
-    cfg = PhantomConfig()
+    cfg = ReplicaConfig()
     acs = []
     for plan in plans[:80]:
         ac, frames = reference_measurements(plan, cfg)
@@ -291,7 +291,7 @@ def test_liftoff_frames_are_near_black():
 
 
 def test_optimal_frames_show_their_landmarks_and_suboptimal_frames_do_not():
-    cfg = PhantomConfig(frames_per_sweep=12)
+    cfg = ReplicaConfig(frames_per_sweep=12)
     seed = next(s for s in range(100) if any(r.label == LABEL_OPTIMAL for r in plan_case(s, cfg).runs)
                 and any(r.label == LABEL_SUBOPTIMAL for r in plan_case(s, cfg).runs))
     case = generate_case(seed, config=cfg)
@@ -339,7 +339,7 @@ def test_generate_case_is_reproducible_from_a_seed():
 
 
 def test_no_abdomen_case_through_the_command_line(tmp_path):
-    assert phantom.main(["--out", str(tmp_path), "--cases", "1", "--frames-per-sweep", "4",
+    assert replica.main(["--out", str(tmp_path), "--cases", "1", "--frames-per-sweep", "4",
                          "--seed", "3", "--no-abdomen"]) == 0
     (case,) = list_case_ids(tmp_path)
     mask, _ = read(mask_path(tmp_path, case))
@@ -352,11 +352,11 @@ def test_no_abdomen_case_through_the_command_line(tmp_path):
 @pytest.mark.slow
 def test_a_full_size_case_has_the_release_geometry_and_annotations():
     """The default 840-frame case, not only the small ones above. Its generation time is printed, not
-    asserted (the 15 s budget is a benchmark: `python -m training.phantom` reports seconds per case)."""
+    asserted (the 15 s budget is a benchmark: `python -m training replica` reports seconds per case)."""
     started = time.perf_counter()
     case = generate_case(case_rng(0, 0))
     print(f"full 840-frame case generated in {time.perf_counter() - started:.1f} s")
-    k = phantom.REAL_FRAMES_PER_SWEEP
+    k = replica.REAL_FRAMES_PER_SWEEP
     assert case.image.shape == case.mask.shape == (SWEEPS_PER_CASE * k, 562, 744)
     assert case.image.dtype == case.mask.dtype == np.uint8
     labels = frame_labels(case.mask)
@@ -373,7 +373,7 @@ def test_a_full_size_case_has_the_release_geometry_and_annotations():
 ])
 def test_command_line_rejects_impossible_sizes(tmp_path, capsys, args, message):
     with pytest.raises(SystemExit) as exit_info:
-        phantom.main(["--out", str(tmp_path / "out"), *args])
+        replica.main(["--out", str(tmp_path / "out"), *args])
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()

@@ -1,6 +1,6 @@
-"""Check what test/container/shim.py recorded for one container (`<results>/shim.json`).
+"""Check what tools/container/shim.py recorded for one container (`<results>/shim.json`).
 
-    python test/container/check_shim.py --results DIR [--log CONTAINER_LOG] [--grace 5]
+    python tools/container/check_shim.py --results DIR [--log CONTAINER_LOG] [--grace 5]
 
 Both APIs: every job succeeded or failed as listed (a job expected to fail is bad input: exit code 2 in
 exec mode, HTTP 422 with a one-line JSON `error` and `exit_code` 2 in invoke mode), and the algorithm ran

@@ -13,7 +13,7 @@ is visible only on the annotated frames (plus at most one faint frame at each en
 show the landmarks a sonographer looks for (stomach bubble, spine, umbilical vein), suboptimal frames an
 obliquely cut, more elongated abdomen without them. The annotation statistics (how many sweeps, how long
 the runs, where in the sweep, how often an optimal plane exists, the AC distribution) are parameters of
-`PhantomConfig`, derived from the real training set's statistics.
+`ReplicaConfig`, derived from the real training set's statistics.
 
 Generation is split in two steps so each can be tested on its own: `plan_case` draws what a case contains
 (cheap: no pixels), `render_case` draws the pixels. `generate_case` does both and measures the reference
@@ -22,7 +22,7 @@ AC the way the challenge does, with `algorithm.biometry`.
 Speed: frames are composed at half resolution (speckle is coarse anyway) and upsampled once. Speckle is
 partly drawn on the probe's beam grid, so the far field shows a convex probe's radial streaks, and is
 cross-faded between neighbouring frames, so consecutive frames are correlated like in a real sweep; all
-its linear steps run once per key field, not once per frame. A 840-frame case takes about 5-7 s on 2 cores.
+its linear steps run once per key field, not once per frame, so a full-size case takes seconds.
 """
 from __future__ import annotations
 
@@ -112,7 +112,7 @@ def sector_fov(height: int = 562, width: int = 744, geometry: SectorGeometry | N
 # --------------------------------------------------------------------------------------------- config
 
 @dataclass(frozen=True)
-class PhantomConfig:
+class ReplicaConfig:
     """Everything the generator draws from. Statistics are derived from the real public training set.
 
     Real-set figures behind the defaults (300 cases): 2.6 % of frames annotated; 62 % of cases have an
@@ -313,14 +313,14 @@ def _lognormal_length(rng: np.random.Generator, spec: tuple[float, float, int], 
     return max(1, int(round(frames * scale)))
 
 
-def _choose_sweeps(rng: np.random.Generator, cfg: PhantomConfig, optimal: bool) -> list[int]:
+def _choose_sweeps(rng: np.random.Generator, cfg: ReplicaConfig, optimal: bool) -> list[int]:
     probs = np.asarray(cfg.sweeps_if_optimal if optimal else cfg.sweeps_if_suboptimal_only, dtype=float)
     count = int(rng.choice(len(probs), p=probs / probs.sum()))
     weights = np.asarray(cfg.sweep_weights, dtype=float)
     return sorted(int(s) for s in rng.choice(SWEEPS_PER_CASE, size=count, replace=False, p=weights / weights.sum()))
 
 
-def _block_patterns(rng: np.random.Generator, cfg: PhantomConfig, sweeps: list[int], optimal: bool) -> list[str]:
+def _block_patterns(rng: np.random.Generator, cfg: ReplicaConfig, sweeps: list[int], optimal: bool) -> list[str]:
     """Run pattern of each annotated sweep: 'S', or one of the optimal patterns ('O', 'SO', 'OS', 'SOS')."""
     with_optimal = np.zeros(len(sweeps), dtype=bool)
     if optimal and sweeps:
@@ -331,7 +331,7 @@ def _block_patterns(rng: np.random.Generator, cfg: PhantomConfig, sweeps: list[i
     return [str(rng.choice(names, p=weights / weights.sum())) if o else "S" for o in with_optimal]
 
 
-def _sweep_runs(rng: np.random.Generator, cfg: PhantomConfig, sweep: int, pattern: str) -> list[Run]:
+def _sweep_runs(rng: np.random.Generator, cfg: ReplicaConfig, sweep: int, pattern: str) -> list[Run]:
     """Runs of one sweep: lengths from the real distributions, one contiguous block placed in the sweep."""
     k = cfg.frames_per_sweep
     lengths = [_lognormal_length(rng, cfg.optimal_run if c == "O" else cfg.suboptimal_run, cfg.time_scale)
@@ -386,7 +386,7 @@ def _place_ellipse(rng: np.random.Generator, geometry: SectorGeometry, semi_axes
     return best
 
 
-def _abdomen_views(rng: np.random.Generator, cfg: PhantomConfig, runs: list[Run], ac_mm: float
+def _abdomen_views(rng: np.random.Generator, cfg: ReplicaConfig, runs: list[Run], ac_mm: float
                    ) -> dict[int, AbdomenView]:
     """Per-frame abdomen of one sweep's block: it grows then shrinks around the best frame and drifts."""
     geometry = cfg.geometry
@@ -445,7 +445,7 @@ def _free_spans(busy: np.ndarray, lo: int, hi: int, length: int) -> list[int]:
     return [s for s in range(lo, hi - length + 1) if not busy[s:s + length].any()]
 
 
-def _head_views(rng: np.random.Generator, cfg: PhantomConfig, busy: np.ndarray, ac_mm: float
+def _head_views(rng: np.random.Generator, cfg: ReplicaConfig, busy: np.ndarray, ac_mm: float
                 ) -> dict[int, HeadView]:
     """A fetal head (bright skull ring) passing through a few frames of one sweep, away from the abdomen."""
     k = cfg.frames_per_sweep
@@ -472,7 +472,7 @@ def _head_views(rng: np.random.Generator, cfg: PhantomConfig, busy: np.ndarray, 
     return views
 
 
-def _bone_views(rng: np.random.Generator, cfg: PhantomConfig, busy: np.ndarray, sweep: int
+def _bone_views(rng: np.random.Generator, cfg: ReplicaConfig, busy: np.ndarray, sweep: int
                 ) -> dict[int, BoneView]:
     """A femur-like bright line seen for a few frames."""
     k = cfg.frames_per_sweep
@@ -501,7 +501,7 @@ def _bone_views(rng: np.random.Generator, cfg: PhantomConfig, busy: np.ndarray, 
     return views
 
 
-def _liftoff_gains(rng: np.random.Generator, cfg: PhantomConfig, busy: np.ndarray) -> dict[int, float]:
+def _liftoff_gains(rng: np.random.Generator, cfg: ReplicaConfig, busy: np.ndarray) -> dict[int, float]:
     """Sweep ends where the probe is off the skin: black frames, then one or two frames fading in."""
     k = cfg.frames_per_sweep
     gains: dict[int, float] = {}
@@ -521,10 +521,10 @@ def _liftoff_gains(rng: np.random.Generator, cfg: PhantomConfig, busy: np.ndarra
     return gains
 
 
-def plan_case(rng: np.random.Generator | int, cfg: PhantomConfig | None = None, abdomen: bool = True
+def plan_case(rng: np.random.Generator | int, cfg: ReplicaConfig | None = None, abdomen: bool = True
               ) -> CasePlan:
     """Draw what a case contains: uuid, annotated runs, the abdomen per frame, distractors, lift-off."""
-    cfg = cfg or PhantomConfig()
+    cfg = cfg or ReplicaConfig()
     rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
     pair = bool(rng.random() < cfg.p_pair_with_previous)
     case_uuid = str(uuidlib.UUID(bytes=rng.bytes(16), version=4))
@@ -570,7 +570,7 @@ def _smoothstep(x: np.ndarray, lo: float, hi: float) -> np.ndarray:
 class _Canvas:
     """Half-resolution drawing surface of one case: its grid, beam geometry and reusable layers."""
 
-    def __init__(self, cfg: PhantomConfig):
+    def __init__(self, cfg: ReplicaConfig):
         self.cfg = cfg
         self.geometry = cfg.geometry
         self.shape = ((cfg.height + 1) // 2, (cfg.width + 1) // 2)
@@ -938,10 +938,10 @@ def _finish(frame_half: np.ndarray, canvas: _Canvas, out: np.ndarray) -> None:
     cv2.bitwise_and(cv2.convertScaleAbs(full), canvas.fov, dst=out)
 
 
-def render_case(plan: CasePlan, rng: np.random.Generator, cfg: PhantomConfig | None = None
+def render_case(plan: CasePlan, rng: np.random.Generator, cfg: ReplicaConfig | None = None
                 ) -> tuple[np.ndarray, np.ndarray]:
     """(image, mask) stacks of a plan, uint8 (frames, height, width)."""
-    cfg = cfg or PhantomConfig()
+    cfg = cfg or ReplicaConfig()
     if plan.frames_per_sweep != cfg.frames_per_sweep:
         raise ValueError(f"plan has {plan.frames_per_sweep} frames per sweep, config {cfg.frames_per_sweep}")
     canvas = _Canvas(cfg)
@@ -998,7 +998,7 @@ class CaseArrays:
     plan: CasePlan
 
 
-def annotation_frame(plan: CasePlan, frame: int, cfg: PhantomConfig, fov: np.ndarray | None = None
+def annotation_frame(plan: CasePlan, frame: int, cfg: ReplicaConfig, fov: np.ndarray | None = None
                      ) -> np.ndarray:
     """The (H, W) uint8 mask of one frame of a plan (all zeros on unannotated frames)."""
     out = np.zeros((cfg.height, cfg.width), dtype=np.uint8)
@@ -1009,7 +1009,7 @@ def annotation_frame(plan: CasePlan, frame: int, cfg: PhantomConfig, fov: np.nda
     return out
 
 
-def reference_measurements(plan: CasePlan, cfg: PhantomConfig, mask: np.ndarray | None = None
+def reference_measurements(plan: CasePlan, cfg: ReplicaConfig, mask: np.ndarray | None = None
                            ) -> tuple[tuple[float | None, ...], tuple[int | None, ...]]:
     """Reference AC per sweep, measured like the annotators: on the sweep's best annotated frame.
 
@@ -1033,15 +1033,15 @@ def reference_measurements(plan: CasePlan, cfg: PhantomConfig, mask: np.ndarray 
     return tuple(acs), tuple(frames)
 
 
-def _with_frames(config: PhantomConfig | None, frames_per_sweep: int | None) -> PhantomConfig:
-    cfg = config or PhantomConfig()
+def _with_frames(config: ReplicaConfig | None, frames_per_sweep: int | None) -> ReplicaConfig:
+    cfg = config or ReplicaConfig()
     if frames_per_sweep is not None and frames_per_sweep != cfg.frames_per_sweep:
         cfg = dataclasses.replace(cfg, frames_per_sweep=frames_per_sweep)
     return cfg
 
 
 def generate_case(rng_or_seed: np.random.Generator | int, frames_per_sweep: int | None = None,
-                  config: PhantomConfig | None = None, abdomen: bool = True) -> CaseArrays:
+                  config: ReplicaConfig | None = None, abdomen: bool = True) -> CaseArrays:
     """One replica case. `abdomen=False` gives a case without any abdomen (no annotation, no AC).
 
     `frames_per_sweep` (default: the config's, 140) overrides the config's when given.
@@ -1056,7 +1056,7 @@ def generate_case(rng_or_seed: np.random.Generator | int, frames_per_sweep: int 
 
 # --------------------------------------------------------------------------------------------- dataset
 
-def write_stack(array: np.ndarray, path: Path, cfg: PhantomConfig, compression_level: int | None = None) -> None:
+def write_stack(array: np.ndarray, path: Path, cfg: ReplicaConfig, compression_level: int | None = None) -> None:
     """A (frames, H, W) uint8 stack as a compressed .mha with the release's spacing."""
     path.parent.mkdir(parents=True, exist_ok=True)
     image = sitk.GetImageFromArray(array)
@@ -1082,7 +1082,7 @@ def subject_ids(pair_with_previous: Sequence[bool]) -> list[str]:
 
 
 def write_dataset(out: Path | str, cases: int, frames_per_sweep: int | None = None, seed: int = 0,
-                  config: PhantomConfig | None = None, abdomen: bool = True, progress: bool = True
+                  config: ReplicaConfig | None = None, abdomen: bool = True, progress: bool = True
                   ) -> list[str]:
     """Write `cases` replica cases in the public release layout under `out`; returns their uuids.
 
@@ -1106,7 +1106,7 @@ def write_dataset(out: Path | str, cases: int, frames_per_sweep: int | None = No
         for case_uuid, subject, ac in zip(uuids, subject_ids(pairs), acs):
             writer.writerow([case_uuid, subject] + [_format_ac(v) for v in ac])
     # Provenance, and the marker by which the data tools tell a replica from the real release.
-    marker = {"generator": "training.phantom", "seed": seed, "cases": cases, "abdomen": abdomen,
+    marker = {"generator": "training.replica", "seed": seed, "cases": cases, "abdomen": abdomen,
               "config": dataclasses.asdict(cfg)}
     (out / REPLICA_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
     return uuids
@@ -1126,7 +1126,7 @@ def _at_least(minimum: int):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m training.phantom", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m training replica", description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="output folder (release layout)")
     parser.add_argument("--cases", type=_at_least(1), required=True)
     parser.add_argument("--frames-per-sweep", type=_at_least(MIN_FRAMES_PER_SWEEP), default=REAL_FRAMES_PER_SWEEP)
@@ -1136,7 +1136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.perf_counter()
     uuids = write_dataset(args.out, args.cases, args.frames_per_sweep, args.seed, abdomen=not args.no_abdomen)
     seconds = time.perf_counter() - started
-    # The per-case time doubles as the generator's benchmark (budget: 15 s for an 840-frame case on 2 cores).
+    # The per-case time doubles as the generator's benchmark (its budget: docs/replica.md).
     print(f"wrote {len(uuids)} case{'s' * (len(uuids) != 1)} of {SWEEPS_PER_CASE * args.frames_per_sweep} frames to {args.out} "
           f"in {seconds:.1f} s ({seconds / len(uuids):.1f} s per case)")
     return 0

@@ -1,15 +1,16 @@
 """Check one case's algorithm outputs against the grand-challenge contract (and optionally a reference run).
 
-    python test/container/check_outputs.py --input CASE/input --output CASE/output-container \
+    python tools/check_outputs.py --input CASE/input --output CASE/output-container \
         [--reference CASE/output-host] [--expect any|found|none] [--label NAME]
 
+The one output checker: the container test runs it as a script, the pytest suites call `check_outputs`.
 Checks:
-  * /output holds images/fetal-abdomen-segmentation/output.mha (the only image there) and
-    fetal-abdomen-frame-number.json, and no leftover temporary files;
+  * the output folder holds the mask socket's output.mha (the only image in its folder) and the frame
+    number's JSON (`algorithm.contract`), and no leftover temporary files;
   * the mask is a 3-D uint8 image with values in {0, 1}, of the input's size, spacing, origin and direction;
   * the frame number is a JSON integer (not a bool or float) in [-1, frames);
-  * frame -1  <=> the mask is all zeros; frame k >= 0 => voxels only on frame k, and some on it;
-  * --expect found: a frame was chosen; --expect none: -1 and an empty mask;
+  * frame -1 => the mask is all zeros; frame k >= 0 => voxels on frame k only (the network may find none);
+  * --expect found: a frame was chosen and the mask has voxels on it; --expect none: -1 and an empty mask;
   * --reference: frame number identical, mask voxels and geometry identical.
 Exit status 0 when everything holds, 1 otherwise (every failure is listed).
 """
@@ -23,17 +24,20 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-INPUT_SLUG = "stacked-fetal-ultrasound"
-DEFAULT_INPUT_FOLDER = "images/stacked-fetal-ultrasound"
-MASK = Path("images") / "fetal-abdomen-segmentation" / "output.mha"
-FRAME = Path("fetal-abdomen-frame-number.json")
-IMAGE_SUFFIXES = (".mha", ".mhd", ".tif", ".tiff", ".nii", ".nii.gz")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, when run as a script
+
+from algorithm.contract import IMAGE_SUFFIXES, INPUT_FOLDER, INPUT_SLUG, INPUTS_JSON  # noqa: E402
+from algorithm.contract import OUTPUT_FRAME as FRAME  # noqa: E402
+from algorithm.contract import OUTPUT_MASK as MASK  # noqa: E402
 
 
 class Report:
     def __init__(self, label: str):
         self.label = label
         self.failures: list[str] = []
+        self.frame: int | None = None
+        self.mask: np.ndarray | None = None
+        self.spacing: tuple[float, ...] = ()
 
     def fail(self, message: str) -> None:
         self.failures.append(message)
@@ -45,8 +49,8 @@ class Report:
 
 
 def input_image(input_dir: Path) -> Path:
-    folder = input_dir / DEFAULT_INPUT_FOLDER
-    listing = input_dir / "inputs.json"
+    folder = input_dir / INPUT_FOLDER
+    listing = input_dir / INPUTS_JSON
     if listing.is_file():
         for socket in json.loads(listing.read_text()):
             interface = socket.get("interface", {})
@@ -108,8 +112,45 @@ def check_output(output_dir: Path, reference_input, report: Report) -> tuple[int
         if frame == -1:
             report.check(not labelled, f"frame number -1 but the mask has voxels on frames {labelled[:10]}")
         elif 0 <= frame < depth:
-            report.check(labelled == [frame], f"frame number {frame} but mask voxels lie on frames {labelled[:10]} (expected only [{frame}])")
+            report.check(set(labelled) <= {frame}, f"frame number {frame} but mask voxels lie on frames {labelled[:10]} (expected only [{frame}])")
     return frame, mask, image
+
+
+def check_outputs(input_image: Path, output_dir: Path, reference: Path | None = None, expect: str = "any",
+                  label: str = "") -> Report:
+    """Every check above for the outputs of one case whose input image is `input_image`: the report lists the
+    failures (none: the contract holds) and holds the frame number and mask it read."""
+    report = Report(label or str(output_dir))
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(input_image))
+    reader.ReadImageInformation()  # geometry only: no need to load the 350 MB stack
+    report.spacing = reader.GetSpacing()
+    frame, mask, image = check_output(output_dir, reader, report)
+    report.frame, report.mask = frame, mask
+
+    if frame is not None and mask is not None:
+        if expect == "found":
+            if report.check(frame >= 0, "expected a chosen frame (>= 0), got -1") and frame < len(mask):
+                report.check(bool(mask[frame].any()), f"frame {frame} chosen but its mask is empty")
+        elif expect == "none":
+            report.check(frame == -1, f"expected -1 (no abdomen in this case), got {frame}")
+            report.check(not mask.any(), "expected an all-zero mask (no abdomen in this case)")
+
+    if reference is not None:
+        sub = Report("reference")
+        ref_frame, ref_mask, ref_image = check_output(reference, reader, sub)
+        for failure in sub.failures:
+            report.fail(f"reference run: {failure}")
+        if ref_mask is not None and mask is not None:
+            report.check(frame == ref_frame, f"frame number {frame} != reference {ref_frame}")
+            if mask.shape == ref_mask.shape:
+                differ = int(np.count_nonzero(mask != ref_mask))
+                report.check(differ == 0, f"mask differs from the reference in {differ} voxels")
+            else:
+                report.fail(f"mask shape {mask.shape} != reference {ref_mask.shape}")
+            got, want = geometry(image), geometry(ref_image)
+            report.check(got == want, f"mask geometry {got} != reference {want}")
+    return report
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -123,37 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--truth", type=Path, help="reference annotation (0 background, 1 optimal, 2 suboptimal): "
                         "reports the label of the chosen frame (information only)")
     args = parser.parse_args(argv)
-    report = Report(args.label or str(args.output))
-
-    source = input_image(args.input)
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(source))
-    reader.ReadImageInformation()  # geometry only: no need to load the 350 MB stack
-    spacing = reader.GetSpacing()
-
-    frame, mask, image = check_output(args.output, reader, report)
-
-    if frame is not None and mask is not None:
-        if args.expect == "found":
-            report.check(frame >= 0, "expected a chosen frame (>= 0), got -1")
-        elif args.expect == "none":
-            report.check(frame == -1, f"expected -1 (no abdomen in this case), got {frame}")
-            report.check(not mask.any(), "expected an all-zero mask (no abdomen in this case)")
-
-    if args.reference is not None:
-        sub = Report("reference")
-        ref_frame, ref_mask, ref_image = check_output(args.reference, reader, sub)
-        for failure in sub.failures:
-            report.fail(f"reference run: {failure}")
-        if ref_mask is not None and mask is not None:
-            report.check(frame == ref_frame, f"frame number {frame} != reference {ref_frame}")
-            if mask.shape == ref_mask.shape:
-                differ = int(np.count_nonzero(mask != ref_mask))
-                report.check(differ == 0, f"mask differs from the reference in {differ} voxels")
-            else:
-                report.fail(f"mask shape {mask.shape} != reference {ref_mask.shape}")
-            got, want = geometry(image), geometry(ref_image)
-            report.check(got == want, f"mask geometry {got} != reference {want}")
+    report = check_outputs(input_image(args.input), args.output, args.reference, args.expect, args.label)
+    frame, mask, spacing = report.frame, report.mask, report.spacing
 
     summary = f"frame={frame}"
     if mask is not None:

@@ -1,0 +1,5 @@
+import sys
+
+from training.speed.bench import main
+
+sys.exit(main())
