@@ -70,8 +70,10 @@ def _run_locked(args: argparse.Namespace, started: float) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
+    # Our INFO lines only: libraries keep WARNING (torch logs cache statistics at INFO when the process exits).
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S",
+                        stream=sys.stderr)
+    logging.getLogger("algorithm").setLevel(logging.WARNING if args.quiet else logging.INFO)
     restore = signals.install()  # SIGTERM unwinds like Ctrl-C, also as PID 1 of a container
     try:
         run(args)
