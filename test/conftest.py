@@ -31,6 +31,15 @@ def reference_fov() -> np.ndarray:
     return read_fov_mask(REFERENCE_FOV)
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny tensors: with several intra-op threads they mostly wait on each other, so use one."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="session")
 def random_weights(tmp_path_factory) -> Path:
     from algorithm.model.checkpoint import save_checkpoint

@@ -48,13 +48,7 @@ def save_published(clip: torch.nn.Module, path: Path, wrapped: bool = True) -> N
     torch.save({"epoch": 1, "state_dict": {f"module.{k}": v for k, v in sd.items()}} if wrapped else sd, path)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: with several intra-op threads they mostly wait on each other, so use one."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
