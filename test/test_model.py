@@ -554,6 +554,22 @@ def test_bundled_demo_weights_load_as_our_decoder():
     assert type(model.decoder).__name__ == "UNETRDecoder" and len(model.frame_head) == 2
 
 
+def test_an_exported_model_can_be_the_starting_encoder():
+    """`--fetalclip` also takes one of our exported models: its (merged) encoder under fresh LoRA."""
+    from algorithm.weights_location import BUNDLED
+
+    exported = BUNDLED / "fetalclipseg_small_replica.safetensors"
+    trained, info = load_checkpoint(exported)
+    assert not info.config.use_lora  # exported merged
+    fresh = build_model(dataclasses.replace(info.config, use_lora=True), exported).eval()
+    block = fresh.encoder.visual.transformer.resblocks[0]
+    assert torch.equal(block.mlp.c_fc.base_layer.weight, trained.encoder.visual.transformer.resblocks[0].mlp.c_fc.weight)
+    x = images(1)
+    with torch.no_grad():  # untrained LoRA is the identity: the same image embedding as the exported model's
+        torch.testing.assert_close(fresh.encoder(x).embedding, trained.encoder(x).embedding)
+        assert not torch.allclose(fresh(x).mask_logits, trained(x).mask_logits)  # only the encoder was taken
+
+
 def test_inert_parameters_are_those_without_gradient():
     """effective_parameters' rule (no_grad encoder, LoRA on a plain MultiheadAttention's out_proj) against
     what a backward pass actually reaches."""

@@ -102,14 +102,18 @@ def load_fetalclip_visual(visual: VisionTransformer, path: str | Path) -> None:
     """Load the `visual.*` part of a whole-CLIP FetalCLIP checkpoint into `visual`, strictly.
 
     Accepts `{'state_dict': sd}` (DDP's `module.` prefix allowed) or a plain state dict, as `.pt` or
-    `.safetensors`. Every visual key must match in name and shape; anything else raises `WeightsError`
-    naming the file. Call before injecting LoRA (adapters rename the wrapped weights).
+    `.safetensors`; also an exported FetalCLIPSEG model of the same configuration (`encoder.visual.*`,
+    LoRA merged), so one run's encoder can be the starting point of another. Every visual key must match
+    in name and shape; anything else raises `WeightsError` naming the file. Call before injecting LoRA
+    (adapters rename the wrapped weights).
     """
     path = Path(path)
     state = _read_state_dict(path)
-    visual_state = {k[len("visual."):]: v for k, v in state.items() if k.startswith("visual.")}
+    prefix = "visual." if any(k.startswith("visual.") for k in state) else "encoder.visual."
+    visual_state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     if not visual_state:
-        raise WeightsError(f"{path} has no 'visual.*' keys: not a whole-CLIP FetalCLIP checkpoint")
+        raise WeightsError(f"{path} has no 'visual.*' keys: neither a whole-CLIP FetalCLIP checkpoint nor an "
+                           "exported FetalCLIPSEG model")
     expected = visual.state_dict()
     missing = sorted(set(expected) - set(visual_state))
     unexpected = sorted(set(visual_state) - set(expected))
