@@ -507,3 +507,12 @@ def test_reproduce_under_torchrun_with_two_cpu_processes(tmp_path):
         assert np.array_equal(record["index"], np.arange(len(np.load(out / "prepared" / "test" / "labels.npy"))))
     assert result.stderr.count("reusing prepared data") == 0 and "prepare:" in result.stderr
     assert json.loads((out / "prepared" / "manifest.json").read_text())["key"]["all_sweeps"] is False
+    # the run beside itself in `compare`: every test case the same, paired
+    compared = subprocess.run([sys.executable, "-m", "training", "compare", f"a={out}", f"b={out}", "--out",
+                               str(tmp_path / "compare")], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert compared.returncode == 0, compared.stderr[-2000:]
+    comparison = json.loads((tmp_path / "compare" / "comparison.json").read_text())
+    assert [row["row"] for row in comparison["rows"]] == ["a / fixed", "a / paper", "b / fixed", "b / paper"]
+    cases = comparison["paired"]["cases"]
+    assert cases and comparison["paired"]["against_reference"]["b / fixed"]["same"] == len(cases)
+    assert (tmp_path / "compare" / "comparison.png").is_file()

@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "ellipse-study": ("training.ellipse_study:main", "AC ellipse fits on abdomens cut by the field of view"),
     "reproduce": ("training.recipes:reproduce_main", "prepare -> train every mode -> tables -> challenge score"),
     "demo-weights": ("training.recipes:demo_weights_main", "train the bundled small replica weights on the CPU"),
+    "compare": ("training.compare:main", "several reproduce runs side by side, paired per test case"),
     "params": ("training.modes:params_main", "trainable parameters of every mode beside the paper's"),
     "memory": ("training.memory:main", "measure a training step; the set-up that fits a memory budget"),
     "benchmark": ("training.benchmark.__main__:main", "run a test set (local, docker, grand-challenge), score it"),
