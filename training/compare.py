@@ -118,14 +118,11 @@ def markdown(rows: Sequence[dict[str, Any]], pairs: dict[str, Any]) -> str:
 
 
 def plot(pairs: dict[str, Any], path: Path, title: str = "") -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from training.report_plots import plt, save_figure  # the Agg backend, set there
 
     names, cases = list(pairs["scores"]), pairs["cases"]
     order = np.argsort([-np.mean([pairs["scores"][n][i] for n in names]) for i in range(len(cases))], kind="stable")
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.55 * len(cases) + 3), 4.5))
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.55 * len(cases) + 3) + 2.5, 4.5))
     x = np.arange(len(cases))
     spread = np.linspace(-0.25, 0.25, len(names)) if len(names) > 1 else np.zeros(1)
     for k, name in enumerate(names):
@@ -137,13 +134,8 @@ def plot(pairs: dict[str, Any], path: Path, title: str = "") -> Path:
     ax.set(ylabel="challenge score", ylim=(-0.03, 1.03), xlabel="test case",
            title=title or "challenge score per test case")
     ax.grid(alpha=0.3, axis="y")
-    ax.legend(loc="lower left", fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
+    return save_figure(fig, path)
 
 
 def compare(runs: Sequence[str], out: Path, title: str = "") -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""Training curves as a PNG: loss per epoch (train / validation) and validation F1 per epoch.
+"""Training curves as a PNG (loss per epoch, train / validation, and validation F1 per epoch), and the one
+way the dev side writes a figure.
 
 Matplotlib with the Agg backend, so it works on headless training machines.
 """
@@ -36,8 +37,14 @@ def plot_history(history: Sequence[dict[str, Any]], path: Path, title: str = "")
         ax.xaxis.get_major_locator().set_params(integer=True)
     if title:
         fig.suptitle(title)
+    return save_figure(fig, path)
+
+
+def save_figure(fig: "plt.Figure", path: Path, dpi: int = 100) -> Path:
+    """Lay out, write `fig` as a PNG at `path` (parent folders made) and free it."""
+    path = Path(path)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
     return path

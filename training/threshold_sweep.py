@@ -83,10 +83,7 @@ def markdown(result: dict[str, Any], title: str = "") -> str:
 
 
 def plot(result: dict[str, Any], path: Path, title: str = "") -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from training.report_plots import plt, save_figure  # the Agg backend, set there
 
     fig, ax = plt.subplots(figsize=(6, 5))
     for trial in result["per_trial"] if result["trials"] > 1 else []:
@@ -104,12 +101,7 @@ def plot(result: dict[str, Any], path: Path, title: str = "") -> Path:
            title=title or "mask-size rule: precision-recall over thresholds")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower left")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def run(frame_files: Sequence[Path], out: Path, title: str = "") -> dict[str, Any]:
