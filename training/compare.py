@@ -20,6 +20,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from training.modes import format_parameters
+
 TIE = 1e-9
 
 
@@ -86,8 +88,6 @@ def _fmt(value: Any, spec: str = ".3f") -> str:
         return "–"
     if isinstance(value, dict):
         return f"{value['mean']:{spec}} ± {value['std']:{spec}}" if value.get("std") else f"{value['mean']:{spec}}"
-    if isinstance(value, int):
-        return f"{value / 1e6:.2f} M" if value >= 100_000 else str(value)
     return f"{value:{spec}}" if isinstance(value, float) else str(value)
 
 
@@ -96,7 +96,8 @@ def markdown(rows: Sequence[dict[str, Any]], pairs: dict[str, Any]) -> str:
              "| frame F1, mask rule | frame F1, head |", "|" + "---|" * 12]
     for r in rows:
         c = r["challenge"] or {}
-        lines.append(f"| {r['row']} | {r['population']} | {r['decoder']} | {_fmt(r['epochs'])} | {_fmt(r['trainable'])} "
+        lines.append(f"| {r['row']} | {r['population']} | {r['decoder']} | {_fmt(r['epochs'])} "
+                     f"| {format_parameters(r['trainable'])} "
                      f"| {_fmt(c.get('score'))} | {_fmt(c.get('wfss'))} | {_fmt(c.get('dsc_soft'))} "
                      f"| {_fmt(c.get('nae_ac'))} | {_fmt(c.get('n_cases'))} | {_fmt(r['f1_mask'])} | {_fmt(r['f1_head'])} |")
     lines.append("\nFrame F1 is measured on each row's own test frames (its population); the challenge columns on "
