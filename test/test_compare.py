@@ -74,3 +74,10 @@ def test_a_folder_that_is_not_a_reproduce_output_is_one_error_line(tmp_path):
     assert result.stderr.strip().splitlines() == [f"error: {tmp_path / 'empty' / 'reproduce.json'} is missing "
                                                   "(not a finished `reproduce` output?)"]
     assert not (tmp_path / "out" / "comparison.md").exists()
+
+
+def test_a_reproduce_json_that_is_not_an_object_is_refused(tmp_path):
+    run = write_run(tmp_path / "r", {"x": 0.5})
+    (run / "reproduce.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="holds a JSON list"):
+        compare([str(run)], tmp_path / "out")

@@ -33,11 +33,14 @@ def parse_run(text: str) -> tuple[str, Path]:
 
 def read_json(path: Path) -> dict[str, Any]:
     try:
-        return json.loads(path.read_text())
+        value = json.loads(path.read_text())
     except FileNotFoundError:
         raise ValueError(f"{path} is missing (not a finished `reproduce` output?)") from None
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path} is not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} holds a JSON {type(value).__name__}, not the object `reproduce` writes")
+    return value
 
 
 def read_run(label: str, run: Path) -> list[dict[str, Any]]:
