@@ -14,9 +14,20 @@ from typing import Any
 CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
 
-# The challenge's sampling: 6 sweeps per stack, 0.28 mm square pixels.
+# The challenge's sampling: 6 sweeps per stack, 0.28 mm square pixels. The spacing between frames is not
+# documented for the release; the organisers' baseline writes its stacks with 0.28 mm on all three axes, and
+# so does everything here that writes a stack (the algorithm itself only copies the input's spacing).
 SWEEPS_PER_CASE = 6
 PIXEL_SPACING_MM = 0.28
+FRAME_SPACING_MM = 0.28
+STACK_SPACING_MM = (PIXEL_SPACING_MM, PIXEL_SPACING_MM, FRAME_SPACING_MM)  # SimpleITK's (x, y, frame) order
+
+# Frames whose mean grey level is below this are probe lift-off (the probe off the belly): never encoded.
+LIFTOFF_MAX_MEAN = 2.0
+
+# What the command line may ask for (`algorithm/options.py`; `runtime.py` applies them).
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 
 # Frame-quality classes of the frame head and of the ground-truth labels (mask value 1 = optimal,
 # 2 = suboptimal in the public release; the head orders them by quality instead).
@@ -95,7 +106,7 @@ class InferenceConfig:
     batch_size: int = 0
     max_batch_size: int = 64
     cpu_batch_size: int = 32
-    cpu_decoder_chunk: int = 8  # frames per decoder call on the CPU (bounds peak memory; see inference.py)
+    cpu_decoder_chunk: int = 8  # frames per decoder call on the CPU (bounds peak memory; see network.py)
     sweeps: int = SWEEPS_PER_CASE
     # A frame is a candidate when its predicted mask covers at least this fraction of the network input
     # (the paper's 1 % rule: 501 of 224 x 224 pixels).
@@ -107,14 +118,13 @@ class InferenceConfig:
     mask_threshold: float = 0.5
     # Coarse-to-fine search: encode every `coarse_stride`-th frame first, then refine around the best
     # candidates of each sweep. 1 = dense scan of every frame; 0 = auto: dense on CUDA, every
-    # `cpu_coarse_stride`-th frame on the CPU for wide encoders (see algorithm/inference.py).
+    # `cpu_coarse_stride`-th frame on the CPU for wide encoders (see algorithm/search.py).
     coarse_stride: int = 0
     cpu_coarse_stride: int = 8
     cpu_coarse_min_width: int = 512  # auto on the CPU: coarse search only for encoders this wide (ViT-B/L)
     refine_radius: int = 4
     refine_candidates: int = 2  # frames per sweep around which the coarse search refines
-    # Frames whose mean grey level is below this are probe lift-off and are never encoded.
-    liftoff_max_mean: float = 2.0
+    liftoff_max_mean: float = LIFTOFF_MAX_MEAN
     # --- speed (measured by `python -m training speed`)
     merge_lora: bool = True  # fold LoRA into the encoder weights at load: plain fused kernels, same outputs
     # Run the mask decoder only on frames that can be chosen (smoothed P(abdomen) may reach
@@ -124,6 +134,11 @@ class InferenceConfig:
     threads: int = 0  # torch CPU threads; 0 = torch's default (one per physical core)
     compile: bool = False  # torch.compile the encoder and decoder (minutes of warm-up; GPU only pays off)
     prefetch: bool = True  # a background thread prepares the next batch (pinned memory on CUDA)
+
+    @property
+    def decodes_lazily(self) -> bool:
+        """Whether the mask decoder runs only on frames that can be chosen (`lazy_decoder` auto or on)."""
+        return self.lazy_decoder in ("auto", "on")
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,6 @@
 """Where the network runs and in which number format: device choice, the one precision policy of inference
-and training, the description of the runtime for logs, and the batch size that fits the GPU's memory.
+and training (and its plan for inference: what is cast once, what runs under autocast), the description of
+the runtime for logs, stage timings, and the batch size that fits the GPU's memory.
 
 `torch.cuda.is_bf16_supported()` answers True on a T4 (compute capability 7.5) because it counts emulated
 bf16; there bf16 has no tensor cores and is several times slower than fp16. So the policy reads the compute
@@ -15,13 +16,16 @@ import glob
 import os
 import platform
 import re
+import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, ContextManager, Iterator, Optional
 
 import torch
 
-PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+from .config import DEVICES, PRECISIONS
+
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # First compute capability with native bf16 tensor cores (Ampere).
 NATIVE_BF16_CAPABILITY = (8, 0)
@@ -85,6 +89,67 @@ def autocast(device: torch.device | str, precision: str):
     return torch.autocast(device.type, dtype=DTYPES[precision], enabled=precision != "fp32")
 
 
+def cast_matmul_weights(module: torch.nn.Module, dtype: torch.dtype) -> int:
+    """Cast the weights that feed matrix products (linear, convolution, attention projections, a ViT's
+    `proj`) to `dtype`, in place, once; norm and embedding parameters stay fp32. Under autocast the products
+    then find their weights already in the half type instead of converting fp32 weights on every call.
+    Returns the number of parameters cast."""
+    cast = 0
+    for owner in module.modules():
+        matmul = isinstance(owner, (torch.nn.Linear, torch.nn.MultiheadAttention, torch.nn.modules.conv._ConvNd))
+        for name, parameter in owner.named_parameters(recurse=False):
+            if parameter.dtype != torch.float32:
+                continue
+            if matmul or (name == "proj" and parameter.ndim == 2):
+                parameter.data = parameter.data.to(dtype)
+                cast += parameter.numel()
+    return cast
+
+
+@dataclass(frozen=True)
+class PrecisionPlan:
+    """How inference runs in one precision on one device: what is cast once at load, what runs under autocast.
+
+    * CUDA fp16 / bf16: the encoder's matrix weights are cast to the half type once (under inference mode
+      autocast's cast cache never holds, so fp32 weights would be converted again for every batch); norm
+      and embedding parameters stay fp32. Encoder, frame head and decoder run under autocast, which computes
+      norms and softmax in fp32; the residual stream is in the half type, as under plain autocast, and the
+      decoder receives its features in it (its first convolutions would cast them anyway).
+    * CPU bf16 (CPUs with AMX / AVX512-BF16 units): the whole encoder is cast to bf16 once and runs without
+      autocast (CPU autocast re-casts every weight on every call and sends 3-D linears through a batched-
+      matmul path that copies the weight: slower than fp32 there). Frame head and decoder stay fp32.
+    * fp32: nothing is cast and nothing runs under autocast.
+    """
+
+    precision: str  # fp32 | fp16 | bf16, as `choose_precision` resolved it
+    device_type: str  # cuda | cpu
+    encoder_dtype: torch.dtype  # the whole encoder, and its input, in this type
+    matmul_dtype: torch.dtype | None  # the encoder's matrix weights cast to this type (None: not cast)
+    feature_dtype: torch.dtype  # the decoder's features are handed over in this type
+
+    @classmethod
+    def of(cls, precision: str, device: torch.device | str) -> "PrecisionPlan":
+        device = torch.device(device)
+        dtype = DTYPES[precision]
+        if device.type == "cuda":
+            half = dtype if precision != "fp32" else None
+            return cls(precision, "cuda", torch.float32, half, half or torch.float32)
+        return cls(precision, device.type, dtype, None, torch.float32)
+
+    def prepare(self, encoder: torch.nn.Module) -> None:
+        """The casts done once, at load, in place."""
+        if self.encoder_dtype != torch.float32:
+            encoder.to(self.encoder_dtype)
+        if self.matmul_dtype is not None:
+            cast_matmul_weights(encoder, self.matmul_dtype)
+
+    def autocast(self) -> ContextManager:
+        """The context the network runs in: autocast on CUDA (disabled for fp32), nothing on the CPU."""
+        if self.device_type != "cuda":
+            return nullcontext()
+        return autocast(self.device_type, self.precision)
+
+
 # ------------------------------------------------------------------------------------------ device
 
 @dataclass(frozen=True)
@@ -143,7 +208,7 @@ def select_device(requested: str) -> DeviceChoice:
     if requested == "cpu":
         return DeviceChoice(torch.device("cpu"))
     if requested != "auto" and not re.fullmatch(r"cuda(:\d+)?", requested):
-        raise DeviceError(f"unknown device {requested!r}: use auto, cpu, cuda or cuda:N")
+        raise DeviceError(f"unknown device {requested!r}: use {', '.join(DEVICES)} or cuda:N")
     if torch.cuda.is_available():
         device = torch.device("cuda" if requested == "auto" else requested)
         if device.index is not None and device.index >= torch.cuda.device_count():
@@ -199,6 +264,56 @@ def runtime_line(info: dict[str, Any]) -> str:
     versions = f"torch {info['torch']}" + (f", CUDA {info['cuda']}" if info.get("cuda") else "") + \
         (f", driver {info['driver']}" if info.get("driver") else "")
     return f"{info['device']} ({where}); {versions}; precision {info['precision']}"
+
+
+# ------------------------------------------------------------------------------------------ timings
+
+class StageTimer:
+    """Time per named stage.
+
+    `timer(name)` measures wall time and synchronises CUDA at its end, so GPU work is charged to the
+    right stage; it also keeps the process CPU time (`cpu_seconds`), which is steadier than wall time on
+    a shared machine. `timer.device_span(name)` is for stages inside the batch loop: on CUDA it records
+    events instead of synchronising (the GPU keeps its queue full) and the elapsed GPU time is read once,
+    when `seconds` is accessed; on the CPU it is a plain wall-time span.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self._seconds: dict[str, float] = {}
+        self.cpu_seconds: dict[str, float] = {}
+        self._events: dict[str, list[tuple[torch.cuda.Event, torch.cuda.Event]]] = {}
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        start, cpu_start = time.perf_counter(), time.process_time()
+        yield
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self._seconds[name] = self._seconds.get(name, 0.0) + time.perf_counter() - start
+        self.cpu_seconds[name] = self.cpu_seconds.get(name, 0.0) + time.process_time() - cpu_start
+
+    @contextmanager
+    def device_span(self, name: str) -> Iterator[None]:
+        if self.device.type != "cuda":
+            with self(name):
+                yield
+            return
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        yield
+        end.record()
+        self._events.setdefault(name, []).append((begin, end))
+
+    @property
+    def seconds(self) -> dict[str, float]:
+        if self._events:
+            torch.cuda.synchronize(self.device)
+            for name, pairs in self._events.items():
+                elapsed = sum(b.elapsed_time(e) for b, e in pairs) / 1000.0
+                self._seconds[name] = self._seconds.get(name, 0.0) + elapsed
+            self._events.clear()
+        return self._seconds
 
 
 # ------------------------------------------------------------------------------------------ memory
