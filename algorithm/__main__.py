@@ -1,8 +1,8 @@
 """`python -m algorithm`: one grand-challenge case from /input to /output.
 
 Exit codes: 0 success, 1 unexpected internal error, 2 bad input, 3 bad weights, 4 output not writable or
-in use by another run, 130 / 143 interrupted by SIGINT / SIGTERM. Every expected failure is one line on
-stderr naming the problem; nothing is left half-written in the output.
+in use by another run, 5 device or precision unavailable, 130 / 143 interrupted by SIGINT / SIGTERM. Every
+expected failure is one line on stderr naming the problem; nothing is left half-written in the output.
 """
 from __future__ import annotations
 
@@ -10,43 +10,65 @@ import argparse
 import logging
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
 from . import __version__, signals
 from .contract import check_writable
 from .errors import AlgorithmError, Interrupted
-from .run import EXTRAS_DIR, load, output_lock, predict_case, read_case
+from .options import add_inference_options, add_output_options, add_weights_option, inference_overrides
+from .progress import LoggedProgress, SearchProgress
+from .run import load, output_lock, predict_case, read_case
 from .weights_location import resolve_weights
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m algorithm", description=__doc__.splitlines()[0])
     parser.add_argument("--input", type=Path, default=Path("/input"), help="case folder (default /input)")
     parser.add_argument("--output", type=Path, default=Path("/output"), help="output folder (default /output)")
-    parser.add_argument("--weights", type=Path, default=None,
-                        help="checkpoint (.safetensors) or a folder holding one; default: the one in "
-                             "/opt/ml/model/ when that folder exists, else the bundled demo weights")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
-                        help="auto: the GPU when torch can use it (a WARNING says why not when one is visible)")
-    parser.add_argument("--precision", default=None, choices=["auto", "fp32", "fp16", "bf16"],
-                        help="auto: fp16 on GPUs without native bf16 (T4), bf16 on newer GPUs and bf16 CPUs")
-    parser.add_argument("--batch-size", type=int, default=None,
-                        help="frames per forward pass (default: from free GPU memory on CUDA, 32 on the CPU)")
-    parser.add_argument("--coarse-stride", type=int, default=None,
-                        help="encode every k-th frame first, then refine around the best (1 = every frame)")
-    parser.add_argument("--no-extras", action="store_true",
-                        help=f"write only the two output sockets, not {EXTRAS_DIR}/result.json and the PNG")
-    parser.add_argument("--quiet", action="store_true", help="warnings and errors only")
+    add_weights_option(parser)
+    add_inference_options(parser)
+    add_output_options(parser)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    return parser.parse_args(argv)
+    return parser
 
 
-def overrides_from(args: argparse.Namespace) -> dict:
-    chosen = {"device": args.device, "precision": args.precision, "batch_size": args.batch_size,
-              "coarse_stride": args.coarse_stride}
-    return {key: value for key, value in chosen.items() if value is not None}
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
+
+
+class BarProgress(SearchProgress):
+    """A rich progress bar over the frames of each pass of the search (the CLI on a terminal)."""
+
+    def __init__(self, bar: Progress):
+        self.bar = bar
+        self.task: TaskID | None = None
+
+    def stage(self, name: str, frames: int) -> None:
+        if self.task is None:
+            self.task = self.bar.add_task(name, total=frames)
+        else:
+            self.bar.reset(self.task, total=frames, description=name)
+
+    def advance(self, frames: int) -> None:
+        if self.task is not None:
+            self.bar.advance(self.task, frames)
+
+
+@contextmanager
+def progress_display(quiet: bool) -> Iterator[SearchProgress]:
+    """A bar on a terminal, log lines elsewhere (a container's log), nothing with --quiet."""
+    if quiet:
+        yield SearchProgress()
+    elif not sys.stderr.isatty():
+        yield LoggedProgress()
+    else:
+        with Progress(TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                      TimeElapsedColumn(), transient=True) as bar:
+            yield BarProgress(bar)
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -59,12 +81,9 @@ def run(args: argparse.Namespace) -> dict:
 def _run_locked(args: argparse.Namespace, started: float) -> dict:
     weights_path = resolve_weights(args.weights)
     stack, read_seconds = read_case(args.input)
-    predictor, checkpoint = load(weights_path, overrides_from(args))
-    with Progress(TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), disable=args.quiet or not sys.stderr.isatty(), transient=True) as bar:
-        task = bar.add_task("frames", total=len(stack.array))
-        return predict_case(predictor, checkpoint, stack, args.output, extras=not args.no_extras,
-                            progress=lambda done: bar.advance(task, done),
+    network, checkpoint = load(weights_path, inference_overrides(args))
+    with progress_display(args.quiet) as progress:
+        return predict_case(network, checkpoint, stack, args.output, extras=not args.no_extras, progress=progress,
                             timings={"read": read_seconds}, started=started)
 
 

@@ -10,32 +10,33 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Callable
 
 from .contract import EXTRAS_DIR, Stack, find_input_image, output_lock, read_stack, write_outputs
 from .errors import DeviceUnavailable, WeightsError
+from .options import InferenceOverrides
+from .progress import SearchProgress
 from .report import case_picture, write_png
 
 log = logging.getLogger("algorithm")
 __all__ = ["EXTRAS_DIR", "load", "output_lock", "peak_memory_gib", "predict_case", "process_case", "read_case"]
 
 
-def load(weights_path: Path, overrides: dict):
-    """Load the predictor; every checkpoint failure is a WeightsError (exit 3) that names the file."""
-    from .inference import load_predictor
+def load(weights_path: Path, overrides: InferenceOverrides | None = None):
+    """Load the network; every checkpoint failure is a WeightsError (exit 3) that names the file."""
+    from .network import load_network
     from .runtime import DeviceError, runtime_line
 
     try:
-        predictor, checkpoint = load_predictor(weights_path, overrides)
+        network, checkpoint = load_network(weights_path, overrides)
     except MemoryError:
         raise WeightsError(f"{weights_path}: not enough memory to load these weights") from None
     except DeviceError as error:  # e.g. --device cuda without a usable GPU, fp16 on the CPU
         raise DeviceUnavailable(str(error)) from None
     log.info("weights %s: %s", weights_path, checkpoint["provenance"])
-    log.info("running on %s, batch %d", runtime_line(predictor.runtime), predictor.batch_size)
+    log.info("running on %s, batch %d", runtime_line(network.runtime), network.batch_size)
     if "not for clinical use" in checkpoint["provenance"].lower():
         log.warning("these are replica-trained demo weights, not for clinical use")
-    return predictor, checkpoint
+    return network, checkpoint
 
 
 def peak_memory_gib() -> float:
@@ -57,8 +58,8 @@ def peak_memory_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale
 
 
-def process_case(predictor, checkpoint: dict, stack: Stack, output: Path, extras: bool = True,
-                 progress: Callable[[int], None] | None = None):
+def process_case(network, checkpoint: dict, stack: Stack, output: Path, extras: bool = True,
+                 progress: SearchProgress | None = None):
     """Predict one read stack and write its outputs (and, with `extras`, result.json and the picture).
 
     The CLI and the test-set benchmark's local runner both call this, so their outputs are the same bytes.
@@ -67,15 +68,17 @@ def process_case(predictor, checkpoint: dict, stack: Stack, output: Path, extras
     whole case (the CLI does) holds `output_lock(output)` around it. Returns the `CaseResult` and the
     summary dict (its `timings_s` gains `write`).
     """
-    result = predictor.predict(stack.array, progress=progress)
+    from .predict import predict
+
+    result = predict(stack.array, network, progress=progress)
     summary = {"input": str(stack.path), **result.summary(), "checkpoint": checkpoint,
-               "device": str(predictor.device), "runtime": predictor.runtime}
+               "device": str(network.device), "runtime": network.runtime}
     files = {}
     if extras:
         caption = f"frame {result.frame}" + (f"  AC {result.ac_mm:.1f} mm" if result.ac_mm else "")
         picture = case_picture(stack.array, result.frame, result.mask, result.ellipse,
                                result.scores.probabilities, result.scores.mask_fractions,
-                               predictor.config.inference.sweeps, caption)
+                               network.config.inference.sweeps, caption)
         files[EXTRAS_DIR / "chosen_frame.png"] = lambda path: write_png(path, picture)
         files[EXTRAS_DIR / "result.json"] = lambda path: path.write_text(json.dumps(summary, indent=2) + "\n")
     write_start = time.perf_counter()
@@ -95,13 +98,13 @@ def read_case(input_dir: Path) -> tuple[Stack, float]:
     return stack, seconds
 
 
-def predict_case(predictor, checkpoint: dict, stack: Stack, output: Path, extras: bool = True,
-                 progress: Callable[[int], None] | None = None, timings: dict[str, float] | None = None,
+def predict_case(network, checkpoint: dict, stack: Stack, output: Path, extras: bool = True,
+                 progress: SearchProgress | None = None, timings: dict[str, float] | None = None,
                  started: float | None = None) -> dict:
     """`process_case`, then the log lines people read; `timings` (e.g. the read) join the summary's, and
     `started` (a perf_counter value) sets where the total is counted from. Returns the summary."""
     started = time.perf_counter() if started is None else started
-    result, summary = process_case(predictor, checkpoint, stack, output, extras=extras, progress=progress)
+    result, summary = process_case(network, checkpoint, stack, output, extras=extras, progress=progress)
     summary["timings_s"].update({name: round(seconds, 3) for name, seconds in (timings or {}).items()})
     summary["timings_s"]["total"] = round(time.perf_counter() - started, 3)
     for candidate in result.selection.candidates:

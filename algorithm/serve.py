@@ -36,15 +36,16 @@ from fastapi.responses import JSONResponse
 from . import __version__
 from .contract import check_writable, output_lock, remove_outputs
 from .errors import AlgorithmError, DeviceUnavailable, InputError, OutputError, WeightsError
-from .run import EXTRAS_DIR, load, predict_case, read_case
+from .options import (InferenceOverrides, add_inference_options, add_output_options, add_weights_option,
+                      inference_overrides)
+from .progress import LoggedProgress
+from .run import load, predict_case, read_case
 from .weights_location import resolve_weights
 
 log = logging.getLogger("algorithm")
 
 HOST = "127.0.0.1"
 PORT = 4743  # the port grand-challenge's shim calls; it cannot tell us another one (it strips its variables)
-# Everything a job of ours may leave in the output folder: removed before each job, so that a job never
-# answers 201 beside another job's files, and a failed job leaves none of ours.
 # HTTP status of each failure, by the CLI's exit code (errors.py).
 STATUS_BY_EXIT_CODE = {InputError.exit_code: 422, WeightsError.exit_code: 503, OutputError.exit_code: 500,
                        DeviceUnavailable.exit_code: 503}
@@ -55,8 +56,8 @@ class JobCancelled(Exception):
 
 
 @dataclass
-class Job:
-    """One POST /invoke; `cancel` makes its next progress callback raise `JobCancelled`."""
+class Job(LoggedProgress):
+    """One POST /invoke and its progress lines; `cancel` makes its next progress report raise `JobCancelled`."""
 
     number: int
     started: float = field(default_factory=time.perf_counter)
@@ -71,9 +72,12 @@ class Job:
             self.reason = reason
             log.warning("job %d: abandoning it (%s)", self.number, reason)
 
-    def check(self, _frames_done: int = 0) -> None:
+    def check(self) -> None:
         if self.reason is not None:
             raise JobCancelled(self.reason)
+
+    def advance(self, frames: int) -> None:
+        self.check()  # after every batch: an abandoned job stops there
 
 
 @dataclass
@@ -102,10 +106,10 @@ class Service:
     """The loaded model and the jobs run on it; the HTTP layer (`create_app`) only translates."""
 
     def __init__(self, input_dir: Path, output_dir: Path, weights: Path | None = None,
-                 overrides: dict | None = None, extras: bool = True):
+                 overrides: InferenceOverrides | None = None, extras: bool = True):
         self.input_dir, self.output_dir = Path(input_dir), Path(output_dir)
-        self.weights, self.overrides, self.extras = weights, dict(overrides or {}), extras
-        self.predictor = self.checkpoint = None
+        self.weights, self.overrides, self.extras = weights, InferenceOverrides(**(overrides or {})), extras
+        self.network = self.checkpoint = None
         self.failure: Failure | None = None
         self.loaded = threading.Event()  # set when loading is over, successfully or not
         self.model_loads = 0
@@ -119,7 +123,7 @@ class Service:
         started = time.perf_counter()
         try:
             weights = resolve_weights(self.weights)
-            self.predictor, self.checkpoint = load(weights, self.overrides)
+            self.network, self.checkpoint = load(weights, self.overrides)
             self.model_loads += 1
             log.info("model loaded in %.1f s: ready for jobs", time.perf_counter() - started)
         except BaseException as error:  # noqa: BLE001 - every failure must reach /health and /invoke
@@ -139,7 +143,8 @@ class Service:
         if self.failure is not None:
             return 200, {"status": "failed", "error": self.failure.message, "exit_code": self.failure.exit_code}
         return 200, {"status": "ready", "model_loads": self.model_loads, "jobs": self.jobs, "pid": os.getpid(),
-                     "device": str(self.predictor.device), "weights": self.checkpoint["weights"],
+                     "device": str(self.network.device), "precision": self.network.precision,
+                     "batch_size": self.network.batch_size, "weights": self.checkpoint["weights"],
                      "version": __version__}
 
     # ------------------------------------------------------------------------------------------- jobs
@@ -155,8 +160,8 @@ class Service:
         log.info("job %d: input %s", job.number, self.input_dir.resolve())
         stack, read_seconds = read_case(self.input_dir)
         job.check()
-        summary = predict_case(self.predictor, self.checkpoint, stack, self.output_dir, extras=self.extras,
-                               progress=job.check, timings={"read": read_seconds}, started=job.started)
+        summary = predict_case(self.network, self.checkpoint, stack, self.output_dir, extras=self.extras,
+                               progress=job, timings={"read": read_seconds}, started=job.started)
         return {"frame": summary["frame"], "ac_mm": summary.get("ac_mm"), "plane": summary.get("plane"),
                 "seconds": summary["timings_s"]["total"]}
 
@@ -267,32 +272,27 @@ def build_server(service: Service, port: int = PORT) -> Server:
     return Server(config, service)
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m algorithm.serve", description=__doc__.splitlines()[0])
     parser.add_argument("--input", type=Path, default=Path("/input"), help="case folder of every job (default /input)")
     parser.add_argument("--output", type=Path, default=Path("/output"), help="output folder (default /output)")
     parser.add_argument("--port", type=int, default=PORT, help=f"port on {HOST} (default {PORT}, the platform's)")
-    parser.add_argument("--weights", type=Path, default=None,
-                        help="checkpoint (.safetensors); default: /opt/ml/model/, then the bundled weights")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--batch-size", type=int, default=None, help="frames per forward pass")
-    parser.add_argument("--coarse-stride", type=int, default=None,
-                        help="encode every k-th frame first, then refine around the best (1 = every frame)")
-    parser.add_argument("--no-extras", action="store_true",
-                        help=f"write only the two output sockets, not {EXTRAS_DIR}/result.json and the PNG")
-    parser.add_argument("--quiet", action="store_true", help="warnings and errors only")
+    add_weights_option(parser)
+    add_inference_options(parser)
+    add_output_options(parser)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
-    overrides = {key: value for key, value in
-                 {"device": args.device, "batch_size": args.batch_size, "coarse_stride": args.coarse_stride}.items()
-                 if value is not None}
-    service = Service(args.input, args.output, args.weights, overrides, extras=not args.no_extras)
+    service = Service(args.input, args.output, args.weights, inference_overrides(args), extras=not args.no_extras)
     threading.Thread(target=service.load_model, name="load-model", daemon=True).start()
     log.info("invoke API on http://%s:%d (GET /health, POST /invoke); loading the model", HOST, args.port)
     build_server(service, args.port).run()

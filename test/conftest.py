@@ -1,7 +1,7 @@
 """Shared fixtures: a randomly initialised small checkpoint and generated replica cases.
 
-Until trained weights exist, tests use a small FetalCLIPSEG with random weights saved in our checkpoint
-format: every contract property must hold whatever the network predicts.
+Tests use a small FetalCLIPSEG with random weights saved in our checkpoint format: every contract property
+must hold whatever the network predicts.
 """
 from __future__ import annotations
 

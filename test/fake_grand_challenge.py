@@ -423,15 +423,16 @@ class FakeGrandChallenge:
 def algorithm_in_process(weights: Path, overrides: dict | None = None) -> Callable[[Path, Path], None]:
     """What the container does for one job, with the model loaded once: /input -> /output."""
     from algorithm.contract import find_input_image, read_stack, write_outputs
-    from algorithm.inference import load_predictor
+    from algorithm.network import load_network
+    from algorithm.predict import predict
 
-    predictor, _ = load_predictor(weights, overrides or {"device": "cpu"})
+    network, _ = load_network(weights, overrides or {"device": "cpu"})
     lock = threading.Lock()
 
     def run(input_dir: Path, output_dir: Path) -> None:
         stack = read_stack(find_input_image(input_dir))
         with lock:
-            result = predictor.predict(stack.array)
+            result = predict(stack.array, network)
         write_outputs(output_dir, stack, result.frame, result.mask)
 
     return run

@@ -14,8 +14,10 @@ import torch
 
 from training.speed import LabelOracle
 from algorithm.config import FRAME_NONE, Config, ModelConfig
-from algorithm.inference import Predictor, resolve_coarse_stride
 from algorithm.model.fetalclipseg import build_model
+from algorithm.network import Network
+from algorithm.predict import CaseResult, predict
+from algorithm.search import FrameSearch, resolve_coarse_stride
 from algorithm.select import NO_FRAME, nan_moving_average, sweep_bounds
 
 SMALL = ModelConfig.small()
@@ -28,14 +30,14 @@ def replica():
     return generate_case(5003, frames_per_sweep=48)
 
 
-def predictor_for(model, **overrides) -> Predictor:
+def run(model, stack: np.ndarray, **overrides) -> CaseResult:
     settings = {"device": "cpu", "precision": "fp32", **overrides}
-    return Predictor(model, Config(model=SMALL).replace(**settings))
+    return predict(stack, Network(model, Config(model=SMALL).replace(**settings)))
 
 
 @pytest.fixture(scope="module")
 def oracle(replica) -> LabelOracle:
-    """Stateless across predictors (no parameters, fp32), so one serves every test."""
+    """Stateless across networks (no parameters, fp32), so one serves every test."""
     return LabelOracle(replica.image, replica.mask, SMALL.image_size, noise=0.5, seed=0)
 
 
@@ -50,10 +52,10 @@ def dense_tier(result, frame: int, config) -> int:
 
 
 def test_coarse_search_finds_the_dense_frame_with_far_fewer_frames(replica, oracle):
-    dense = predictor_for(oracle, coarse_stride=1).predict(replica.image)
+    dense = run(oracle, replica.image, coarse_stride=1)
     # 48-frame sweeps compress the runs (a median optimal run of 8 real frames becomes ~3): stride 3 here
     # is what stride 8 is on 140-frame sweeps.
-    coarse = predictor_for(oracle, coarse_stride=3).predict(replica.image)
+    coarse = run(oracle, replica.image, coarse_stride=3)
     assert dense.frame != NO_FRAME
     assert coarse.frame == dense.frame
     assert coarse.frames_encoded < 0.6 * dense.frames_encoded
@@ -61,8 +63,8 @@ def test_coarse_search_finds_the_dense_frame_with_far_fewer_frames(replica, orac
 
 
 def test_lazy_decoder_keeps_the_choice_and_decodes_few_frames(replica, oracle):
-    full = predictor_for(oracle, coarse_stride=1, lazy_decoder="off").predict(replica.image)
-    lazy = predictor_for(oracle, coarse_stride=1, lazy_decoder="on").predict(replica.image)
+    full = run(oracle, replica.image, coarse_stride=1, lazy_decoder="off")
+    lazy = run(oracle, replica.image, coarse_stride=1, lazy_decoder="on")
     assert lazy.frame == full.frame
     assert full.frames_decoded == full.frames_encoded
     assert lazy.frames_decoded < 0.3 * lazy.frames_encoded
@@ -91,8 +93,8 @@ def test_coarse_search_with_the_small_network(replica):
         return m
 
     stack = replica.image[:72]  # quick: the first 72 frames, split into 6 sweeps of 12 by `select`
-    dense = predictor_for(model(), coarse_stride=1, lazy_decoder="off").predict(stack)
-    coarse = predictor_for(model(), coarse_stride=4, refine_radius=2, lazy_decoder="off").predict(stack)
+    dense = run(model(), stack, coarse_stride=1, lazy_decoder="off")
+    coarse = run(model(), stack, coarse_stride=4, refine_radius=2, lazy_decoder="off")
     assert coarse.frames_encoded < dense.frames_encoded
     both = coarse.scores.scored
     np.testing.assert_allclose(coarse.scores.probabilities[both], dense.scores.probabilities[both], atol=1e-4)
@@ -105,10 +107,10 @@ def test_coarse_search_with_the_small_network(replica):
 
 def test_coarse_frames_skip_lift_off_and_cover_every_sweep():
     config = Config(model=SMALL).replace(device="cpu")
-    predictor = Predictor(build_model(SMALL), config)
+    search = FrameSearch.for_network(Network(build_model(SMALL), config))
     n = 60
     candidates = np.array([f for f in range(n) if f not in (0, 1, 2, 30)])  # lift-off frames left out
-    coarse = predictor.coarse_frames(candidates, n, stride=4)
+    coarse = search.coarse_frames(candidates, n, stride=4)
     assert set(coarse) <= set(candidates)
     for start, stop in sweep_bounds(n, config.inference.sweeps):
         assert ((coarse >= start) & (coarse < stop)).any()
@@ -123,7 +125,8 @@ def test_auto_stride_is_dense_on_cuda_and_coarse_on_the_cpu_for_wide_encoders():
     full, small = ModelConfig(), ModelConfig.small()
     assert resolve_coarse_stride(inference, torch.device("cpu"), full.width) == inference.cpu_coarse_stride
     assert resolve_coarse_stride(inference, torch.device("cpu"), small.width) == 1
-    assert Predictor(build_model(small), Config(model=small).replace(device="cpu")).coarse_stride == 1
+    network = Network(build_model(small), Config(model=small).replace(device="cpu"))
+    assert FrameSearch.for_network(network).coarse_stride == 1
     explicit = Config().replace(coarse_stride=3).inference
     assert resolve_coarse_stride(explicit, torch.device("cuda")) == 3
 

@@ -14,11 +14,13 @@ import numpy as np
 import pytest
 import torch
 
-from algorithm import runtime
+from algorithm import runtime, search
 from algorithm.__main__ import main as cli_main
 from algorithm.config import Config, ModelConfig
-from algorithm.inference import FrameScores, Predictor, cast_matmul_weights
 from algorithm.model.fetalclipseg import build_model
+from algorithm.network import Network
+from algorithm.runtime import cast_matmul_weights
+from algorithm.search import FrameScores, FrameSearch
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = ModelConfig.small()
@@ -38,10 +40,10 @@ def stack_of(n: int, seed: int = 0) -> np.ndarray:
     return np.clip(frames, 0, 255).astype(np.uint8)
 
 
-def predictor(batch_size: int = 4, **overrides) -> Predictor:
+def network(batch_size: int = 4, **overrides) -> Network:
     config = Config(model=SMALL).replace(**{"device": "cpu", "precision": "fp32", "batch_size": batch_size,
                                             **overrides})
-    return Predictor(small_model(), config)
+    return Network(small_model(), config)
 
 
 def shapes_seen(module: torch.nn.Module) -> list[int]:
@@ -51,9 +53,10 @@ def shapes_seen(module: torch.nn.Module) -> list[int]:
     return seen
 
 
-def scored(p: Predictor, stack: np.ndarray, frames: np.ndarray | None = None) -> FrameScores:
+def scored(net: Network, stack: np.ndarray, frames: np.ndarray | None = None) -> FrameScores:
     scores = FrameScores.empty(len(stack))
-    p.score_frames(stack, np.arange(len(stack)) if frames is None else frames, scores)
+    FrameSearch.for_network(net).score_frames(stack, net, np.arange(len(stack)) if frames is None else frames,
+                                              scores)
     return scores
 
 
@@ -68,9 +71,9 @@ def test_padded_batches_give_the_network_one_shape_and_the_same_scores(lazy):
     """CUDA pads the last batch (10 frames at batch 4: 4, 4, 2 + 2 repeats), so cuDNN autotuning and
     torch.compile never meet a new shape inside a case; the padding must not change any frame's result."""
     stack = stack_of(10)
-    plain = predictor(lazy_decoder=lazy)
+    plain = network(lazy_decoder=lazy)
     reference = scored(plain, stack)
-    padded = predictor(lazy_decoder=lazy)
+    padded = network(lazy_decoder=lazy)
     padded.pad_batches = True
     encoder_batches = shapes_seen(padded.model.encoder)
     decoder_batches = shapes_seen(padded.model.decoder)
@@ -88,18 +91,18 @@ def test_deciding_once_per_call_decodes_the_same_frames_as_deciding_per_batch(mo
     """The lazy decoder on CUDA holds every frame's decoder inputs and decides once, after the last batch (one
     host synchronisation per call); on the CPU it decides after every batch. Same decisions, same results."""
     stack = stack_of(14)
-    per_batch = predictor()
-    assert per_batch._pending_limit == per_batch.batch_size
-    once = predictor()
-    once._pending_limit = 10**9
+    per_batch = network()
+    assert per_batch.waiting_limit == per_batch.batch_size
+    once = network()
+    once.waiting_limit = 10**9
     copies = []
-    original = Predictor._to_host
+    original = search.copy_probabilities
 
     def counting(encoded, scores):
         copies.append(len(encoded))
         original(encoded, scores)
 
-    monkeypatch.setattr(Predictor, "_to_host", staticmethod(counting))
+    monkeypatch.setattr(search, "copy_probabilities", counting)
     reference = scored(per_batch, stack)
     per_batch_copies = [c for c in copies if c]
     copies.clear()
@@ -157,13 +160,13 @@ def test_autocast_re_casts_fp32_weights_on_every_call_but_not_weights_cast_at_lo
     assert (embedding.float() - expected.embedding).norm() / expected.embedding.norm() < 0.05
 
 
-def test_predictor_describes_its_runtime_and_refuses_fp16_on_the_cpu():
-    p = predictor(batch_size=0)
+def test_network_describes_its_runtime_and_refuses_fp16_on_the_cpu():
+    p = network(batch_size=0)
     assert p.batch_size == Config().inference.cpu_batch_size
     assert p.runtime["device"] == "cpu" and p.runtime["precision"] == "fp32" and p.runtime["batch_size"] == 32
     assert p.describe()["runtime"] == p.runtime
     with pytest.raises(runtime.DeviceError, match="fp16 needs a CUDA GPU"):
-        predictor(precision="fp16")
+        network(precision="fp16")
 
 
 # ------------------------------------------------------------------------------------------ the CLI

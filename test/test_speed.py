@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from training.speed import ReferencePipeline, activation_bytes_per_frame, main as benchmark_main
+from training.speed import ReferenceNetwork, activation_bytes_per_frame, main as benchmark_main
 from algorithm.config import Config, ModelConfig
-from algorithm.inference import FrameScores, Predictor, StageTimer
 from algorithm.model.fetalclipseg import build_model
+from algorithm.network import Network
+from algorithm.search import FrameScores, FrameSearch
 
 CPU = torch.device("cpu")
 
@@ -54,16 +55,16 @@ def test_merging_lora_keeps_the_outputs():
     torch.testing.assert_close(after.frame_logits, before.frame_logits, atol=1e-4, rtol=1e-4)
 
 
-def test_predictor_merges_lora_and_scores_like_the_unmerged_model():
+def test_network_merges_lora_and_scores_like_the_unmerged_model():
     stack = frames(6)
     results = {}
     for merge in (False, True):
         config = Config(model=ModelConfig.small()).replace(device="cpu", merge_lora=merge, precision="fp32",
                                                            lazy_decoder="off", batch_size=4)
-        predictor = Predictor(small_model(), config)
-        assert predictor.describe()["lora_merged"] is merge
+        network = Network(small_model(), config)
+        assert network.describe()["lora_merged"] is merge
         scores = FrameScores.empty(len(stack))
-        predictor.score_frames(stack, np.arange(len(stack)), scores)
+        FrameSearch.for_network(network).score_frames(stack, network, np.arange(len(stack)), scores)
         results[merge] = scores
     np.testing.assert_allclose(results[True].probabilities, results[False].probabilities, atol=1e-4)
     np.testing.assert_allclose(results[True].mask_fractions, results[False].mask_fractions, atol=2e-3)
@@ -76,8 +77,8 @@ def test_reference_path_hooks_give_the_models_outputs():
     x = torch.randn(2, 3, 224, 224)
     with torch.no_grad():
         expected = model(x)
-        reference = ReferencePipeline(model, Config(model=ModelConfig.small()), CPU)
-        mask_logits, frame_logits = reference.forward(x, StageTimer(CPU))
+        reference = ReferenceNetwork(model, Config(model=ModelConfig.small()), CPU, batch_size=2)
+        mask_logits, frame_logits = reference.forward(x)
     reference.close()
     torch.testing.assert_close(mask_logits, expected.mask_logits, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(frame_logits, expected.frame_logits, atol=1e-5, rtol=1e-5)
@@ -89,10 +90,10 @@ def test_cpu_bf16_encoder_stays_close_to_fp32():
     for precision in ("fp32", "bf16"):
         config = Config(model=ModelConfig.small()).replace(device="cpu", precision=precision,
                                                            lazy_decoder="off")
-        predictor = Predictor(small_model(), config)
-        assert predictor.precision == precision
+        network = Network(small_model(), config)
+        assert network.precision == precision
         scores = FrameScores.empty(len(stack))
-        predictor.score_frames(stack, np.arange(len(stack)), scores)
+        FrameSearch.for_network(network).score_frames(stack, network, np.arange(len(stack)), scores)
         probabilities[precision] = scores.probabilities
     np.testing.assert_allclose(probabilities["bf16"], probabilities["fp32"], atol=0.05)
 

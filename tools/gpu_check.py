@@ -12,8 +12,9 @@ Sections, each a row group of the printed table and a key of the JSON (`checks` 
   same chosen frame, max |delta| of frame probabilities and mask fractions, Dice of the final masks (>= 0.99),
   |delta AC| (<= 0.5 mm); fp16 against bf16 masks.
 * full_size: a randomly initialised FetalCLIP-shaped ViT-L/14 on 32 frames, GPU against CPU fp32: relative
-  error of the frame logits, the mask logits and each skip feature, no inf / NaN, the largest activation
-  magnitude against the fp16 range.
+  error of what the prepared network's `encode` and `decode` return (each skip feature, the frame
+  probabilities, the abdomen probabilities), no inf / NaN, the largest activation magnitude against the fp16
+  range.
 * speed: one cold case as a grand-challenge job pays it (`python -m algorithm` from process start to outputs
   written, random ViT-L checkpoint), warm cases in one process (time per stage), encoder TFLOP/s against the
   peak of a large matmul of the same precision measured in the same run, peak GPU memory.
@@ -39,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import gc
 import json
 import math
@@ -148,15 +150,15 @@ def bundled_weights() -> Path:
     return found[0]
 
 
-def predictor_for(weights: Path, device: str, **settings):
+def network_for(weights: Path, device: str, **settings):
     import torch
 
     from algorithm.config import Config
-    from algorithm.inference import Predictor
     from algorithm.model.checkpoint import load_checkpoint
+    from algorithm.network import Network
 
     model, info = load_checkpoint(weights, device="cpu")
-    return Predictor(model, Config(model=info.config).replace(device=device, **settings), torch.device(device))
+    return Network(model, Config(model=info.config).replace(device=device, **settings), torch.device(device))
 
 
 def dice(a, b) -> float:
@@ -239,6 +241,8 @@ def correctness(report: Report, device: str, quick: bool, seed: int, frames_per_
     """Returns the case (its stack is reused by the later sections)."""
     import numpy as np
 
+    from algorithm.predict import predict
+
     case = None
     with report.section("correctness") as figures:
         case = make_case(seed, frames_per_sweep)
@@ -246,8 +250,8 @@ def correctness(report: Report, device: str, quick: bool, seed: int, frames_per_
         figures["case"] = {"seed": seed, "frames": int(len(stack)), "weights": bundled_weights().name}
         # The reference decodes every frame (all mask fractions compared); --quick keeps the lazy decoder
         # (same chosen frame by construction) to stay within minutes on a small CPU.
-        reference = predictor_for(bundled_weights(), "cpu", precision="fp32", coarse_stride=1,
-                                  lazy_decoder="auto" if quick else "off").predict(stack)
+        reference = predict(stack, network_for(bundled_weights(), "cpu", precision="fp32", coarse_stride=1,
+                                               lazy_decoder="auto" if quick else "off"))
         finite = np.isfinite(reference.scores.probabilities[reference.scores.scored]).all() and \
             np.isfinite(reference.scores.mask_fractions[reference.scores.decoded]).all()
         report.check("cpu_reference_finite", finite)
@@ -259,26 +263,27 @@ def correctness(report: Report, device: str, quick: bool, seed: int, frames_per_
             runs = {"cuda_default": ("cuda", "auto"), "cuda_fp16": ("cuda", "fp16"), "cuda_bf16": ("cuda", "bf16")}
         results = {}
         for name, (where, precision) in runs.items():
-            predictor = predictor_for(bundled_weights(), where, precision=precision, coarse_stride=1)
+            network = network_for(bundled_weights(), where, precision=precision, coarse_stride=1)
             started = time.perf_counter()
-            results[name] = predictor.predict(stack)
+            results[name] = predict(stack, network)
             row = compare_cases(results[name], reference)
-            row.update(precision=predictor.precision, batch_size=predictor.batch_size,
+            row.update(precision=network.precision, batch_size=network.batch_size,
                        seconds=round(time.perf_counter() - started, 2))
             figures[name] = row
             report.check(f"{name}_same_frame", row["same_frame"])
             report.check(f"{name}_dice", row["dice"] >= DICE_MIN)
             report.check(f"{name}_ac", row["abs_delta_ac_mm"] <= AC_MAX_MM)
-            del predictor
+            del network
         if "cuda_fp16" in results:
             figures["fp16_vs_bf16_dice"] = dice(results["cuda_fp16"].mask, results["cuda_bf16"].mask)
             report.check("fp16_vs_bf16_dice", figures["fp16_vs_bf16_dice"] >= DICE_MIN)
     return case
 
 
-def network_outputs(predictor, inputs, activation_peak: dict):
-    """Skip features, frame logits and mask logits of the predictor's prepared network, and the largest
-    |activation| of any encoder module output (forward hooks)."""
+def network_outputs(network, inputs, activation_peak: dict):
+    """Skip features, frame probabilities and abdomen probabilities of a prepared network (what the frame
+    search receives from its `encode` and `decode`), and the largest |activation| of any encoder module
+    output (forward hooks)."""
     import torch
 
     def record(_module, _args, output):
@@ -286,18 +291,15 @@ def network_outputs(predictor, inputs, activation_peak: dict):
         if isinstance(tensor, torch.Tensor) and tensor.is_floating_point():
             activation_peak["max_abs"] = max(activation_peak.get("max_abs", 0.0), float(tensor.abs().max()))
 
-    handles = [m.register_forward_hook(record) for m in predictor.model.encoder.visual.modules()]
+    handles = [m.register_forward_hook(record) for m in network.model.encoder.visual.modules()]
     try:
-        with torch.inference_mode(), predictor._autocast():
-            features, embedding = predictor._encoder(inputs.to(predictor._encoder_dtype))
-            features = [f.float() for f in features]
-            frame_logits = predictor.model.frame_head(embedding.float())
-            mask_logits = predictor._decoder(inputs, features)
-        sync(predictor.device)
+        features, frame_probabilities = network.encode(inputs)
+        abdomen, _ = network.decode(inputs, features)
+        sync(network.device)
     finally:
         for handle in handles:
             handle.remove()
-    return [f.float().cpu() for f in features], frame_logits.float().cpu(), mask_logits.float().cpu()
+    return [f.float().cpu() for f in features], frame_probabilities.float().cpu(), abdomen.float().cpu()
 
 
 def full_size(report: Report, device: str, stack, frames: int) -> dict:
@@ -307,9 +309,9 @@ def full_size(report: Report, device: str, stack, frames: int) -> dict:
 
     from training.speed import count_flops
     from algorithm.config import Config, ModelConfig
-    from algorithm.inference import Predictor, liftoff_frames
     from algorithm.model.fetalclipseg import build_model
-    from algorithm.preprocess import preprocess_frames
+    from algorithm.network import Network
+    from algorithm.search import FrameSearch
 
     flops: dict = {}
     with report.section("full_size") as figures:
@@ -319,15 +321,17 @@ def full_size(report: Report, device: str, stack, frames: int) -> dict:
         model.eval().requires_grad_(False)
         flops = count_flops(model, model.config, torch.device("cpu"))
         figures["gflop_per_frame"] = {k: round(v, 2) for k, v in flops.items()}
-        usable = np.flatnonzero(~liftoff_frames(stack, 2.0))
+        config = Config(model=model.config)
+        usable = FrameSearch(config.inference).frames_to_encode(stack)
         chosen = usable[np.linspace(0, len(usable) - 1, frames).round().astype(int)]
-        inputs = preprocess_frames(stack[chosen], model.config.image_size)
+        frames_chosen = torch.from_numpy(np.ascontiguousarray(stack[chosen]))
         reference_peak: dict = {}
         # fp32 on the CPU leaves the (merged, frozen) model's weights as they are: later copies are pristine
-        cpu_predictor = Predictor(model, Config(model=model.config).replace(
-            device="cpu", precision="fp32", batch_size=frames, lazy_decoder="off"), torch.device("cpu"))
-        reference = [network_outputs(cpu_predictor, inputs[i:i + 8], reference_peak) for i in range(0, frames, 8)]
-        del cpu_predictor
+        cpu_network = Network(model, config.replace(device="cpu", precision="fp32", batch_size=frames,
+                                                     lazy_decoder="off"), torch.device("cpu"))
+        inputs = cpu_network.preprocess(frames_chosen)
+        reference = [network_outputs(cpu_network, inputs[i:i + 8], reference_peak) for i in range(0, frames, 8)]
+        del cpu_network
         ref_features = [torch.cat([r[0][k] for r in reference]) for k in range(4)]
         ref_frame, ref_mask = torch.cat([r[1] for r in reference]), torch.cat([r[2] for r in reference])
         figures["frames"] = frames
@@ -337,21 +341,20 @@ def full_size(report: Report, device: str, stack, frames: int) -> dict:
         precisions = ["bf16"] if device == "cpu" else sorted({"fp16", auto_precision(device)})
         for precision in precisions:
             peak: dict = {}
-            predictor = Predictor(copy.deepcopy(model), Config(model=model.config).replace(
+            network = Network(copy.deepcopy(model), config.replace(
                 device=device, precision=precision, batch_size=frames, lazy_decoder="off"), torch.device(device))
-            features, frame_logits, mask_logits = network_outputs(predictor, predictor._inputs(
-                torch.from_numpy(np.ascontiguousarray(stack[chosen]))), peak)
-            errors = {"frame_logits": relative_error(frame_logits, ref_frame),
-                      "mask_logits": relative_error(mask_logits, ref_mask),
+            features, frame_probabilities, abdomen = network_outputs(network, network.preprocess(frames_chosen), peak)
+            errors = {"frame_probabilities": relative_error(frame_probabilities, ref_frame),
+                      "abdomen_probability": relative_error(abdomen, ref_mask),
                       **{f"skip_{layer}": relative_error(f, r) for layer, f, r in
                          zip(model.config.skip_layers, features, ref_features)}}
-            finite = all(torch.isfinite(t).all() for t in (*features, frame_logits, mask_logits))
+            finite = all(torch.isfinite(t).all() for t in (*features, frame_probabilities, abdomen))
             name = f"{device}_{precision}"
             figures[name] = {"relative_error": errors, "finite": bool(finite), "max_abs_activation": peak.get("max_abs"),
                              "activation_vs_fp16_max": peak.get("max_abs", 0.0) / FP16_MAX}
             report.check(f"full_{name}_finite", finite)
             report.check(f"full_{name}_relative_error", max(errors.values()) <= REL_ERROR_MAX[precision])
-            del predictor
+            del network
             gc.collect()
     return flops
 
@@ -368,8 +371,10 @@ def write_case(stack, folder: Path) -> Path:
     from algorithm.contract import INPUT_FOLDER
 
     (folder / INPUT_FOLDER).mkdir(parents=True, exist_ok=True)
+    from algorithm.config import STACK_SPACING_MM
+
     image = sitk.GetImageFromArray(stack)
-    image.SetSpacing((0.28, 0.28, 1.0))
+    image.SetSpacing(STACK_SPACING_MM)
     sitk.WriteImage(image, str(folder / INPUT_FOLDER / "case.mha"), useCompression=True)
     return folder
 
@@ -382,20 +387,22 @@ def algorithm_command(site: Path | None) -> list[str]:
             "runpy.run_module('algorithm', run_name='__main__', alter_sys=True)"]
 
 
-def case_timings(predictor, stack, repeats: int) -> list[dict]:
+def case_timings(network, stack, repeats: int, search=None) -> list[dict]:
     import torch
+
+    from algorithm.predict import predict
 
     runs = []
     for _ in range(repeats):
-        if predictor.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(predictor.device)
+        if network.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(network.device)
         started = time.perf_counter()
-        result = predictor.predict(stack)
+        result = predict(stack, network, search)
         wall = time.perf_counter() - started
         row = {"wall_s": wall, "frame": result.frame, "frames_encoded": result.frames_encoded,
                "frames_decoded": result.frames_decoded, "stages_s": dict(result.timings)}
-        if predictor.device.type == "cuda":
-            row["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated(predictor.device) / 2**30
+        if network.device.type == "cuda":
+            row["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated(network.device) / 2**30
         runs.append(row)
     return runs
 
@@ -411,9 +418,10 @@ def speed(report: Report, device: str, stack, flops: dict, warm_cases: int, site
     import torch
 
     from algorithm.config import ModelConfig
-    from algorithm.inference import load_predictor
     from algorithm.model.checkpoint import save_checkpoint
     from algorithm.model.fetalclipseg import build_model
+    from algorithm.network import load_network
+    from algorithm.search import FrameSearch
 
     checkpoint = work / "fetalclip-vit-l14-random.safetensors"
     with report.section("speed") as figures:
@@ -435,9 +443,10 @@ def speed(report: Report, device: str, stack, flops: dict, warm_cases: int, site
         result = json.loads((out / "fetalclipseg" / "result.json").read_text()) if completed.returncode == 0 else {}
         figures["cold_case"] = {"process_start_to_outputs_s": cold, "stages_s": result.get("timings_s"),
                                 "runtime": result.get("runtime"), "frames_encoded": result.get("frames_encoded")}
-        predictor, _ = load_predictor(checkpoint, {"device": device})
-        figures["settings"] = {k: v for k, v in predictor.describe().items() if k != "runtime"}
-        runs = case_timings(predictor, stack, max(1, warm_cases))
+        network, _ = load_network(checkpoint, {"device": device})
+        search = FrameSearch.for_network(network)
+        figures["settings"] = {k: v for k, v in {**network.describe(), **search.describe()}.items() if k != "runtime"}
+        runs = case_timings(network, stack, max(1, warm_cases))
         figures["warm_cases"] = runs
         best = min(runs, key=lambda r: r["wall_s"])
         figures["warm_case_s"] = best["wall_s"]
@@ -446,12 +455,11 @@ def speed(report: Report, device: str, stack, flops: dict, warm_cases: int, site
         # The lazy decoder against decoding every frame inline (random weights make every frame choosable,
         # so this shows what deferring costs, not what skipping saves on trained weights).
         if device == "cuda":  # on the CPU another full-model case would take minutes
-            predictor.lazy_decoder = False
-            dense = case_timings(predictor, stack, 1)[0]
+            dense = case_timings(network, stack, 1, dataclasses.replace(search, lazy_decoder=False))[0]
             figures["lazy_decoder_off"] = {"wall_s": dense["wall_s"], "frames_decoded": dense["frames_decoded"],
                                            "network_s": dense["stages_s"].get("network")}
-        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[predictor.precision]
-        del predictor
+        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[network.precision]
+        del network
         gc.collect()
         if device == "cuda":
             torch.cuda.empty_cache()
@@ -468,7 +476,7 @@ def speed(report: Report, device: str, stack, flops: dict, warm_cases: int, site
 def t4_like(report: Report, stack, flops: dict, checkpoint: Path) -> None:
     import torch
 
-    from algorithm.inference import load_predictor
+    from algorithm.network import load_network
 
     with report.section("t4_like") as figures:
         gc.collect()
@@ -478,10 +486,10 @@ def t4_like(report: Report, stack, flops: dict, checkpoint: Path) -> None:
         torch.cuda.set_per_process_memory_fraction(fraction)
         figures["memory_cap_gb"] = round(fraction * total / 1e9, 2)
         try:
-            predictor, _ = load_predictor(checkpoint, {"device": "cuda", "precision": "fp16"})
-            figures["batch_size"] = predictor.batch_size
-            figures["memory_plan"] = predictor.memory
-            runs = case_timings(predictor, stack, 2)
+            network, _ = load_network(checkpoint, {"device": "cuda", "precision": "fp16"})
+            figures["batch_size"] = network.batch_size
+            figures["memory_plan"] = network.memory
+            runs = case_timings(network, stack, 2)
             out_of_memory = False
         except torch.OutOfMemoryError as error:
             out_of_memory, runs = True, []

@@ -42,7 +42,7 @@ def initialised() -> bool:
 
 def setup_distributed(device_name: str) -> DistContext:
     """This process's place: joins the torchrun process group once (later calls reuse it)."""
-    from algorithm.inference import resolve_device
+    from algorithm.runtime import resolve_device
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:

@@ -246,7 +246,7 @@ def evaluate_weights(weights: Path, prepared: Path, split: str = "test", device:
                      batch_size: int = 32, workers: int = 0, precision: str = "auto",
                      progress: bool = True) -> dict[str, Any]:
     """Load a checkpoint in algorithm's format and score it on a prepared split."""
-    from algorithm.inference import resolve_device
+    from algorithm.runtime import resolve_device
     from algorithm.model.checkpoint import load_checkpoint
     from algorithm.model.fetalclipseg import effective_parameters, trainable_parameters
     from algorithm.runtime import choose_precision

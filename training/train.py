@@ -601,7 +601,7 @@ class Trainer:
 
 
 def _resolve(device: str) -> torch.device:
-    from algorithm.inference import resolve_device
+    from algorithm.runtime import resolve_device
 
     return resolve_device(device)
 

@@ -16,6 +16,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from algorithm.options import add_inference_options, add_weights_option
+
 from . import DEFAULT_IMAGE, RUNNERS
 from .cases import discover_cases
 from .core import run_benchmark
@@ -45,12 +47,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (one log line per case)")
     parser.add_argument("--quiet", action="store_true", help="warnings and errors only")
 
-    local = parser.add_argument_group("local and docker runners")
-    local.add_argument("--weights", type=Path, help="checkpoint (.safetensors); default: as `python -m algorithm` "
-                       "(local), the weights in the image (docker)")
-    local.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    local.add_argument("--batch-size", type=int, help="frames per forward pass (local)")
-    local.add_argument("--coarse-stride", type=int, help="encode every k-th frame first (local)")
+    local = parser.add_argument_group("local and docker runners: the algorithm's options")
+    add_weights_option(local, help="checkpoint (.safetensors) or a folder holding one (default: as `python -m "
+                                   "algorithm` for the local runner, the weights in the image for docker)")
+    add_inference_options(local)
 
     docker = parser.add_argument_group("docker runner")
     docker.add_argument("--image", default=DEFAULT_IMAGE, help=f"image tag (default {DEFAULT_IMAGE})")
@@ -86,12 +86,13 @@ def make_runner(args: argparse.Namespace):
     if args.runner == "local":
         from .local import LocalRunner
 
-        return LocalRunner(args.weights, args.device, args.batch_size, args.coarse_stride)
+        return LocalRunner(args.weights, args.device, args.batch_size, args.coarse_stride, precision=args.precision)
     if args.runner == "docker":
         from .docker import DockerRunner
 
         extra: list[str] = []
-        for flag, value in (("--batch-size", args.batch_size), ("--coarse-stride", args.coarse_stride)):
+        for flag, value in (("--precision", args.precision), ("--batch-size", args.batch_size),
+                            ("--coarse-stride", args.coarse_stride)):
             if value is not None:
                 extra += [flag, str(value)]
         return DockerRunner(args.out, args.image, args.weights, args.device, jobs=args.jobs or 1,

@@ -26,12 +26,12 @@ class LocalRunner:
     parallel = 1  # one model, one case at a time; reading overlaps with inference
 
     def __init__(self, weights: Path | None = None, device: str = "auto", batch_size: int | None = None,
-                 coarse_stride: int | None = None, extras: bool = True):
+                 coarse_stride: int | None = None, extras: bool = True, precision: str | None = None):
         self.weights = weights
-        self.overrides = {k: v for k, v in {"device": device, "batch_size": batch_size,
+        self.overrides = {k: v for k, v in {"device": device, "precision": precision, "batch_size": batch_size,
                                             "coarse_stride": coarse_stride}.items() if v is not None}
         self.extras = extras
-        self.predictor = None
+        self.network = None
         self.checkpoint: dict = {}
         self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="read-ahead")
         self._ahead: dict[Path, Future] = {}
@@ -40,11 +40,11 @@ class LocalRunner:
     def start(self) -> dict:
         weights = resolve_weights(self.weights)
         started = time.perf_counter()
-        self.predictor, self.checkpoint = load(weights, self.overrides)
+        self.network, self.checkpoint = load(weights, self.overrides)
         seconds = time.perf_counter() - started
-        log.info("weights %s on %s (%.1f s): %s", weights, self.predictor.device, seconds,
+        log.info("weights %s on %s (%.1f s): %s", weights, self.network.device, seconds,
                  self.checkpoint["provenance"])
-        return {"weights": str(weights), "device": str(self.predictor.device), "overrides": self.overrides,
+        return {"weights": str(weights), "device": str(self.network.device), "overrides": self.overrides,
                 "checkpoint": self.checkpoint, "model_load_s": round(seconds, 3)}
 
     def upcoming(self, case: Case) -> None:
@@ -58,12 +58,12 @@ class LocalRunner:
 
     def run_case(self, case: Case, staging: Path) -> dict:
         """Predict one case into `staging` (laid out like /output); returns its timings."""
-        assert self.predictor is not None, "start() first"
+        assert self.network is not None, "start() first"
         self.cases_run += 1
         started = time.perf_counter()
         stack = self._stack(case)
         read_seconds = time.perf_counter() - started
-        result, summary = process_case(self.predictor, self.checkpoint, stack, staging, extras=self.extras)
+        result, summary = process_case(self.network, self.checkpoint, stack, staging, extras=self.extras)
         summary["timings_s"]["read"] = round(read_seconds, 3)
         summary["timings_s"]["total"] = round(time.perf_counter() - started, 3)
         return {"frame": result.frame, "ac_mm": summary["ac_mm"], "plane": summary["plane"],

@@ -2,6 +2,7 @@
 from training.speed.bench import main, run_benchmark
 from training.speed.measure import activation_bytes_per_frame, count_flops
 from training.speed.oracle import LabelOracle
-from training.speed.reference import ReferencePipeline
+from training.speed.reference import ReferenceNetwork, ReferenceSearch
 
-__all__ = ["LabelOracle", "ReferencePipeline", "activation_bytes_per_frame", "count_flops", "main", "run_benchmark"]
+__all__ = ["LabelOracle", "ReferenceNetwork", "ReferenceSearch", "activation_bytes_per_frame", "count_flops", "main",
+           "run_benchmark"]

@@ -3,11 +3,13 @@
 On one generated replica case (`training.replica`) it times every stage
 (read, field of view, preprocess, encode, decode, select, post-process, write) of
 
-* our pipeline (`algorithm.inference.Predictor` with its defaults: LoRA merged, inference mode, bf16 on
-  AMX CPUs / fp16-bf16 autocast on CUDA, lazy decoder, coarse-to-fine search on the CPU), and
-* a reference path that runs the same weights the way the published FetalCLIPSEG code does: every frame,
-  fp32, peft's unmerged LoRA, intermediate tokens captured with `register_forward_hook` on the transformer
-  blocks of a plain `visual(x)` call, and per-frame numpy post-processing of every mask on the host,
+* our pipeline (`algorithm.predict.predict` on an `algorithm.network.Network` with its defaults: LoRA
+  merged, inference mode, bf16 on AMX CPUs / fp16-bf16 autocast on CUDA, lazy decoder, coarse-to-fine
+  search on the CPU), and
+* a reference path (`reference.py`: another network and another search for the same `predict`) that runs
+  the same weights the way the published FetalCLIPSEG code does: every frame, fp32, peft's unmerged LoRA,
+  intermediate tokens captured with `register_forward_hook` on the transformer blocks of a plain
+  `visual(x)` call, and per-frame numpy post-processing of every mask on the host (in its decode stage),
 
 on the same hardware in the same process, and reports frames per second, peak memory, FLOPs per frame and,
 on a GPU, the distance to the compute floor of the encoder. Timed runs follow one untimed warm-up batch per
@@ -36,20 +38,21 @@ import numpy as np
 import torch
 
 import algorithm
-from algorithm.config import Config, InferenceConfig, ModelConfig
-from algorithm.inference import FrameScores, Predictor, StageTimer
-from algorithm.preprocess import preprocess_frames
+from algorithm.config import STACK_SPACING_MM, Config, InferenceConfig, ModelConfig
+from algorithm.network import Network
+from algorithm.options import add_inference_options, inference_overrides
+from algorithm.predict import predict
 from algorithm.runtime import resolve_device
+from algorithm.search import FrameSearch
 from training.speed.measure import (PeakRSS, activation_bytes_per_frame, count_flops, cuda_peak, device_name,
                                     gpu_peak_tflops, memory_estimate)
 from training.speed.oracle import LabelOracle
 from training.metrics import case_score
 from training.replica import generate_case
-from training.speed.reference import ReferencePipeline
+from training.speed.reference import ReferenceNetwork, ReferenceSearch
 
 BUNDLED_WEIGHTS = Path(algorithm.__file__).resolve().parent / "weights"
-STAGES = ("read", "field_of_view", "preprocess", "encode", "decode", "scores", "select", "postprocess", "write",
-          "other")
+STAGES = ("read", "field_of_view", "preprocess", "encode", "decode", "select", "postprocess", "write", "other")
 
 
 # ------------------------------------------------------------------------------------------ set-up
@@ -108,7 +111,7 @@ def time_read_write(stack: np.ndarray, frame: int, mask: np.ndarray | None) -> t
     with tempfile.TemporaryDirectory(prefix="benchmark-") as tmp:
         path = Path(tmp) / "case.mha"
         image = sitk.GetImageFromArray(stack)
-        image.SetSpacing((0.28, 0.28, 0.28))
+        image.SetSpacing(STACK_SPACING_MM)
         sitk.WriteImage(image, str(path), useCompression=True, compressionLevel=1)
         wall, cpu = {}, {}
         t, c = time.perf_counter(), time.process_time()
@@ -134,48 +137,31 @@ class Run:
     mask: np.ndarray | None = None
     extra: dict = field(default_factory=dict)
 
-    @property
-    def network_seconds(self) -> float:
-        return sum(self.seconds.get(k, 0.0) for k in ("preprocess", "encode", "decode", "scores", "other"))
 
-
-def run_ours(predictor: Predictor, stack: np.ndarray) -> Run:
-    with PeakRSS() as rss, cuda_peak(predictor.device) as gpu:
+def run_case(network: Network | ReferenceNetwork, stack: np.ndarray,
+             search: FrameSearch | ReferenceSearch | None = None) -> Run:
+    """`predict` on one case, timed per stage; what the stages leave out is `other`."""
+    with PeakRSS() as rss, cuda_peak(network.device) as gpu:
         start, cpu_start = time.perf_counter(), time.process_time()
-        result = predictor.predict(stack)
+        result = predict(stack, network, search)
         total, cpu_total = time.perf_counter() - start, time.process_time() - cpu_start
     seconds = dict(result.timings)
-    network = seconds.pop("network", 0.0)
+    network_seconds = seconds.pop("network", 0.0)
     inner = sum(seconds.get(k, 0.0) for k in ("preprocess", "encode", "decode"))
     seconds["other"] = max(0.0, total - sum(seconds.values()))  # loader waits, transfers, search bookkeeping
     cpu = {"pipeline": cpu_total}
     return Run(result.frame, seconds, cpu, result.frames_encoded, result.frames_decoded, rss.peak,
                gpu["max_allocated_mb"], result.mask,
-               {"search": result.search, "network_wall_s": network, "network_inner_s": inner})
+               {"search": result.search, "network_wall_s": network_seconds, "network_inner_s": inner})
 
 
-def run_reference(reference: ReferencePipeline, stack: np.ndarray) -> Run:
-    timer = StageTimer(reference.device)
-    with PeakRSS() as rss, cuda_peak(reference.device) as gpu:
-        start, cpu_start = time.perf_counter(), time.process_time()
-        out = reference.predict(stack, timer)
-        total, cpu_total = time.perf_counter() - start, time.process_time() - cpu_start
-    seconds = dict(timer.seconds)
-    seconds["other"] = max(0.0, total - sum(seconds.values()))
-    return Run(out["frame"], seconds, {"pipeline": cpu_total}, out["frames_encoded"], out["frames_decoded"],
-               rss.peak, gpu["max_allocated_mb"], out["mask"])
-
-
-def warm_up(predictor: Predictor, reference: ReferencePipeline, stack: np.ndarray, frames: int = 2) -> None:
-    """One small untimed batch through each pipeline: one-off library initialisation is not case time
+def warm_up(networks: list[Network | ReferenceNetwork], stack: np.ndarray, frames: int = 2) -> None:
+    """One small untimed batch through each network: one-off library initialisation is not case time
     (on CUDA use a full batch, so that cuDNN autotuning happens here)."""
-    if predictor.device.type == "cuda":
-        frames = predictor.batch_size
-    frames = np.arange(min(len(stack), max(1, frames)))
-    predictor.score_frames(stack, frames, FrameScores.empty(len(stack)))
-    with torch.no_grad():
-        x = preprocess_frames(torch.from_numpy(stack[frames]), predictor.config.model.image_size).to(reference.device)
-        reference.forward(x, StageTimer(reference.device))
+    for network in networks:
+        count = network.batch_size if network.device.type == "cuda" else frames
+        inputs = network.preprocess(torch.from_numpy(stack[:min(len(stack), max(1, count))]))
+        network.decode(inputs, network.encode(inputs)[0])
 
 
 # ------------------------------------------------------------------------------------------ report
@@ -247,6 +233,7 @@ def compare_search(args: argparse.Namespace) -> dict:
     weights = None if oracle else choose_weights("small", args.weights)
     stride = args.coarse_stride if args.coarse_stride and args.coarse_stride > 1 else \
         InferenceConfig().cpu_coarse_stride
+    overrides = {key: value for key, value in inference_overrides(args).items() if key != "coarse_stride"}
     rows = []
     for i in range(args.compare_search):
         seed = args.seed + i
@@ -254,14 +241,14 @@ def compare_search(args: argparse.Namespace) -> dict:
         results = {}
         for name, coarse in (("dense", 1), ("coarse", stride)):
             model_config = ModelConfig.small() if oracle else weights.config
-            config = Config(model=model_config).replace(device=device.type, coarse_stride=coarse,
-                                                        **({"precision": "fp32"} if oracle else {}),
-                                                        **overrides_from(args, skip=("coarse_stride",)))
+            oracle_settings = {"precision": "fp32"} if oracle else {}  # the oracle computes in fp32
+            config = Config(model=model_config).replace(**{**overrides, **oracle_settings, "device": device.type,
+                                                           "coarse_stride": coarse})
             model = (LabelOracle(case.image, case.mask, model_config.image_size, args.oracle_noise, seed)
                      if oracle else weights.model())
-            predictor = Predictor(model, config, device)
+            network = Network(model, config, device)
             start = time.perf_counter()
-            result = predictor.predict(case.image)
+            result = predict(case.image, network)
             seconds = time.perf_counter() - start
             score = case_score(result.frame, result.mask, case.mask, case.ac_per_sweep, fov=result.fov)
             results[name] = {"frame": result.frame, "score": round(score.score, 4), "wfss": score.wfss,
@@ -291,40 +278,36 @@ def compare_search(args: argparse.Namespace) -> dict:
 
 # ------------------------------------------------------------------------------------------ main
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m training speed", description=__doc__.splitlines()[0])
-    parser.add_argument("--json", type=Path, default=None, help="write the report here")
-    parser.add_argument("--config", choices=["small", "full"], default="small")
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--json", type=Path, default=None, help="write the report here (default: print only)")
+    parser.add_argument("--config", choices=["small", "full"], default="small",
+                        help="model size (default small)")
     parser.add_argument("--weights", type=Path, default=None,
-                        help="checkpoint; default: the bundled demo weights (small), else random weights")
+                        help="checkpoint (default: the bundled demo weights for small, else random weights)")
+    add_inference_options(parser, tuning=True)
     parser.add_argument("--frames", type=int, default=None,
-                        help="run the reference on a ~N-frame case and extrapolate (full model on a CPU)")
-    parser.add_argument("--frames-per-sweep", type=int, default=140, help="replica case size (6 sweeps)")
-    parser.add_argument("--seed", type=int, default=5000, help="replica case seed (not a training seed)")
-    parser.add_argument("--coarse-stride", type=int, default=None, help="override (0 auto, 1 dense)")
-    parser.add_argument("--batch-size", type=int, default=None)
-    parser.add_argument("--precision", choices=["auto", "fp32", "fp16", "bf16"], default=None,
-                        help="network number format (default auto: runtime.choose_precision)")
-    parser.add_argument("--cpu-precision", dest="precision", choices=["auto", "fp32", "bf16"],
-                        help="older name of --precision")
-    parser.add_argument("--lazy-decoder", choices=["auto", "on", "off"], default=None)
-    parser.add_argument("--compile", action="store_true", help="torch.compile encoder and decoder")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--no-flops", action="store_true", help="skip FLOP counting and the memory estimate")
+                        help="run the reference on a ~N-frame case and extrapolate (full model on a CPU; "
+                             "default: the reference runs on the whole case)")
+    parser.add_argument("--frames-per-sweep", type=int, default=140,
+                        help="replica case size, 6 sweeps (default 140, the challenge's)")
+    parser.add_argument("--seed", type=int, default=5000, help="replica case seed, not a training seed (default 5000)")
+    parser.add_argument("--no-flops", action="store_true",
+                        help="skip FLOP counting and the memory estimate (default: count them)")
     parser.add_argument("--compare-search", type=int, default=0, metavar="CASES",
                         help="instead of timing: coarse-to-fine vs dense scan on CASES replica cases (frames, "
-                             "challenge scores); the small model's weights, or a label oracle without weights")
-    parser.add_argument("--oracle-noise", type=float, default=0.5, help="logit noise of the label oracle")
+                             "challenge scores); the small model's weights, or a label oracle without weights "
+                             "(default 0: time one case)")
+    parser.add_argument("--oracle-noise", type=float, default=0.5,
+                        help="logit noise of the label oracle (default 0.5)")
     parser.add_argument("--quick", action="store_true",
-                        help="small config, 6 x 4 frames, batch 8: a CI smoke run of well under a minute")
-    return parser.parse_args(argv)
+                        help="small config, 6 x 4 frames, batch 8: a CI smoke run of well under a minute "
+                             "(default: the options above)")
+    return parser
 
 
-def overrides_from(args: argparse.Namespace, skip: tuple[str, ...] = ()) -> dict[str, Any]:
-    chosen = {"coarse_stride": args.coarse_stride, "batch_size": args.batch_size, "precision": args.precision,
-              "lazy_decoder": args.lazy_decoder, "threads": args.threads, "compile": True if args.compile else None}
-    return {k: v for k, v in chosen.items() if v is not None and k not in skip}
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def run_benchmark(args: argparse.Namespace) -> dict:
@@ -338,23 +321,23 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     weights = choose_weights(args.config, args.weights)
     if args.config == "full" and weights.config.width != ModelConfig().width:
         raise SystemExit(f"--config full but {weights.path} holds the {weights.config.name} model")
-    overrides = {"device": device.type, **overrides_from(args)}
-    config = Config(model=weights.config).replace(**overrides)
+    config = Config(model=weights.config).replace(**{**inference_overrides(args), "device": device.type})
 
     full_stack = make_case(args.seed, args.frames_per_sweep)
     n_frames = len(full_stack)
     subset = args.frames is not None and args.frames < n_frames
     short_stack = make_case(args.seed, max(4, math.ceil(args.frames / 6))) if subset else full_stack
 
-    predictor = Predictor(weights.model(), config, device)
+    network = Network(weights.model(), config, device)
+    search = FrameSearch.for_network(network)
     # The reference runs fp32 at our batch size (on CUDA the one auto-sized from free memory).
-    reference = ReferencePipeline(weights.model(), config.replace(device=device.type,
-                                                                  batch_size=predictor.batch_size), device)
-    warm_up(predictor, reference, full_stack)
+    reference = ReferenceNetwork(weights.model(), config, device, network.batch_size)
+    warm_up([network, reference], full_stack)
 
-    ours = run_ours(predictor, full_stack)
-    ours_short = run_ours(predictor, short_stack) if subset else ours
-    ref = run_reference(reference, short_stack)
+    ours = run_case(network, full_stack, search)
+    ours_short = run_case(network, short_stack, search) if subset else ours
+    ref = run_case(reference, short_stack, ReferenceSearch())
+    reference.close()
     io_wall, io_cpu, _ = time_read_write(full_stack, ours.frame, ours.mask)
 
     scale = n_frames / len(short_stack)  # reference per-frame stages, extrapolated to the whole case
@@ -395,7 +378,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         "same_frame_scope": (f"{len(short_stack)}-frame replica case" if subset else "the benchmarked case"),
         "extrapolated": bool(subset),
         "stages": rows,
-        "settings": predictor.describe(),
+        "settings": {**network.describe(), **search.describe()},
         "search": ours.extra["search"],
         "memory": {"host_peak_rss_mb": round(ours.peak_rss_mb, 1),
                    "reference_host_peak_rss_mb": round(ref.peak_rss_mb, 1),
@@ -405,7 +388,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         "notes": notes,
     }
     if not args.no_flops:
-        report["flops"] = flops_report(predictor, weights, report, device)
+        report["flops"] = flops_report(network, weights, report, device)
         if device.type == "cpu" and not args.quick:  # the T4 estimate is about the full model
             model = weights.model()  # fp32, LoRA merged as in inference (peft's unmerged attention
             if hasattr(model, "merge_lora"):  # adapter allocates weight-sized temporaries on every call)
@@ -415,8 +398,8 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     return report
 
 
-def flops_report(predictor: Predictor, weights: Weights, report: dict, device: torch.device) -> dict:
-    flops = count_flops(predictor.model, weights.config, device)
+def flops_report(network: Network, weights: Weights, report: dict, device: torch.device) -> dict:
+    flops = count_flops(network.model, weights.config, device)
     encode_s = next((r["seconds"] for r in report["stages"] if r["stage"] == "encode"), 0.0)
     out = {k: round(v, 2) for k, v in flops.items()}
     out["case_tflop_dense"] = round(flops["total_gflop"] * report["frames"] / 1e3, 2)

@@ -115,10 +115,10 @@ def activation_bytes_per_frame(model: torch.nn.Module, config: ModelConfig, batc
 
 def memory_estimate(model: torch.nn.Module, config: ModelConfig, batch_size: int, per_frame: float) -> dict:
     """GPU memory at `batch_size` under fp16: the encoder's matrix weights in fp16 (cast once at load, as
-    `Predictor` does; this casts `model`'s), the other weights fp32, + activations (fp32 upper bound), plus
-    30 % for the caching allocator's fragmentation and cuBLAS/cuDNN workspaces. The CUDA context itself
-    (about 0.3-0.5 GB on a T4) is not counted."""
-    from algorithm.inference import cast_matmul_weights
+    `runtime.PrecisionPlan` does; this casts `model`'s), the other weights fp32, + activations (fp32 upper
+    bound), plus 30 % for the caching allocator's fragmentation and cuBLAS/cuDNN workspaces. The CUDA
+    context itself (about 0.3-0.5 GB on a T4) is not counted."""
+    from algorithm.runtime import cast_matmul_weights
 
     params = sum(p.numel() for p in model.parameters())
     half = cast_matmul_weights(model.encoder, torch.float16) if hasattr(model, "encoder") else 0

@@ -13,7 +13,8 @@ class LabelOracle(torch.nn.Module):
     It recognises each frame of one replica case by a signature of its network input (4 x 4 block means)
     and answers what a good network would: frame-head logits from the ground-truth labels blurred along
     time (a network is unsure at the ends of a run) plus Gaussian logit noise, and the ground-truth mask
-    as the mask logits. It has FetalCLIPSeg's three parts, so `Predictor` runs it like the real model.
+    as the mask logits. It has FetalCLIPSeg's three parts, so `algorithm.network.Network` runs it like the
+    real model.
     """
 
     def __init__(self, stack: np.ndarray, labels: np.ndarray, image_size: int, noise: float, seed: int):
