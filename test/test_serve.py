@@ -130,7 +130,7 @@ def test_two_jobs_in_a_row_match_the_run_functions_and_load_once(tmp_path, loade
     load + predict of that case (what the CLI runs), and the model was loaded once."""
     service = loaded_service
     link = service.input_dir
-    predictor, checkpoint = load(random_weights, {"device": "cpu"})
+    network, checkpoint = load(random_weights, {"device": "cpu"})
     answers = []
     with LocalServer(service) as server:
         for name in ("a", "b"):
@@ -141,7 +141,7 @@ def test_two_jobs_in_a_row_match_the_run_functions_and_load_once(tmp_path, loade
             got = read_outputs(service.output_dir)
             reference = tmp_path / f"reference-{name}"
             stack, _ = read_case(cases[name])
-            predict_case(predictor, checkpoint, stack, reference)
+            predict_case(network, checkpoint, stack, reference)
             want = read_outputs(reference)
             assert got[0] == want[0] == body["frame"]
             assert np.array_equal(got[1], want[1])
@@ -224,7 +224,7 @@ def test_bad_weights_health_says_so_and_invoke_answers_503(tmp_path, cases):
 def test_one_job_at_a_time_and_a_caller_that_hangs_up_abandons_its_job(tmp_path, random_weights, monkeypatch):
     service = Service(tmp_path / "input", tmp_path / "output", random_weights)
     service.loaded.set()  # a stand-in job below: no model needed
-    service.predictor, service.checkpoint = object(), {"weights": "none"}
+    service.network, service.checkpoint = object(), {"weights": "none"}
     started, ended = threading.Event(), threading.Event()
     reasons = []
 
@@ -232,7 +232,7 @@ def test_one_job_at_a_time_and_a_caller_that_hangs_up_abandons_its_job(tmp_path,
         started.set()
         try:
             while True:
-                job.check()  # what the predictor's progress callback does after every batch
+                job.advance(1)  # what the frame search reports after every batch
                 time.sleep(0.05)
         except Exception as error:
             reasons.append(str(error))
@@ -271,17 +271,7 @@ def test_served_as_a_process_sigterm_ends_it_within_the_grace_period(tmp_path, r
                                     str(random_weights), "--device", "cpu"],
                                    cwd=REPO, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            assert process.poll() is None, log_path.read_text()
-            try:
-                status, body = call("GET", f"http://127.0.0.1:{port}/health", timeout=10)
-                if status == 200:
-                    break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "no healthy answer within 300 s"
-            time.sleep(0.5)
+        body = wait_for_health(process, port, log_path)
         assert body["status"] == "ready"
         status, body = call("POST", f"http://127.0.0.1:{port}/invoke")
         assert status == 201 and body["pid"] == process.pid
@@ -304,6 +294,46 @@ def test_served_as_a_process_sigterm_ends_it_within_the_grace_period(tmp_path, r
     assert "Traceback" not in log_text, log_text
     leftovers = [p for p in (tmp_path / "output").rglob("*partial*")]
     assert not leftovers
+
+
+def test_served_with_precision_fp32_runs_in_fp32(tmp_path, random_weights, cases):
+    """`python -m algorithm.serve --precision fp32`: the invoke image is told its precision on the command
+    line, as the CLI is; /health and the job's result.json say which precision ran."""
+    port = free_port()
+    link = tmp_path / "input"
+    point_input(link, cases["a"])
+    log_path = tmp_path / "serve.log"
+    with open(log_path, "w") as log_file:
+        process = subprocess.Popen([sys.executable, "-m", "algorithm.serve", "--port", str(port), "--input",
+                                    str(link), "--output", str(tmp_path / "output"), "--weights",
+                                    str(random_weights), "--device", "cpu", "--precision", "fp32"],
+                                   cwd=REPO, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        health = wait_for_health(process, port, log_path)
+        assert health["status"] == "ready" and health["precision"] == "fp32" and health["device"] == "cpu"
+        status, body = call("POST", f"http://127.0.0.1:{port}/invoke")
+        assert status == 201, body
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=30)
+    result = json.loads((tmp_path / "output" / EXTRAS_DIR / "result.json").read_text())
+    assert result["runtime"]["precision"] == "fp32" and result["search"]["precision"] == "fp32"
+    assert "network: done in " in log_path.read_text()  # the job's progress is in the server's log
+
+
+def wait_for_health(process: subprocess.Popen, port: int, log_path: Path, seconds: float = 300) -> dict:
+    """Poll GET /health as the platform does until it answers 200; its body."""
+    deadline = time.monotonic() + seconds
+    while True:
+        assert process.poll() is None, log_path.read_text()
+        try:
+            status, body = call("GET", f"http://127.0.0.1:{port}/health", timeout=10)
+            if status == 200:
+                return body
+        except OSError:
+            pass
+        assert time.monotonic() < deadline, f"no healthy answer within {seconds} s"
+        time.sleep(0.5)
 
 
 def call_quietly(url: str) -> None:
