@@ -182,9 +182,6 @@ class FetalCLIPEncoder(nn.Module):
         for name, p in self.visual.named_parameters():
             p.requires_grad = "lora_" in name
 
-    def lora_parameters(self) -> list[nn.Parameter]:
-        return [p for name, p in self.visual.named_parameters() if "lora_" in name]
-
     def merge_lora(self) -> None:
         """Fold the adapters into the base weights and remove them (inference only, irreversible).
 

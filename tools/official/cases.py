@@ -17,6 +17,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from algorithm.biometry import circumference_mm
+from algorithm.config import PIXEL_SPACING_MM, STACK_SPACING_MM
 from training import layout
 
 FRAMES, H, W = 840, 562, 744
@@ -27,7 +28,7 @@ OPTIMAL, SUBOPTIMAL = 1, 2
 def ellipse(center: tuple[float, float], ac_mm: float, aspect: float = 0.85, angle: float = 20.0) -> np.ndarray:
     """A filled ellipse of the given Ramanujan AC on a (H, W) frame, uint8 {0, 1}."""
     unit = math.pi * (3 * (1 + aspect) - math.sqrt((3 + aspect) * (1 + 3 * aspect)))
-    a = ac_mm / 0.28 / unit
+    a = ac_mm / PIXEL_SPACING_MM / unit
     mask = np.zeros((H, W), np.uint8)
     cv2.ellipse(mask, (center, (2 * a, 2 * a * aspect), angle), 1, -1)
     return mask
@@ -142,7 +143,7 @@ def random_cases(fov: np.ndarray, n: int, seed: int) -> list[Case]:
 def _write(array: np.ndarray, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     image = sitk.GetImageFromArray(array)
-    image.SetSpacing((0.28,) * array.ndim)
+    image.SetSpacing(STACK_SPACING_MM[:array.ndim])
     sitk.WriteImage(image, str(path), True)
 
 
