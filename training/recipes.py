@@ -66,12 +66,12 @@ def predict_cases(weights: Path, data: Path, uuids: Sequence[str], out: Path, de
     from algorithm.contract import read_stack
     from algorithm.run import load, process_case
 
-    predictor, checkpoint = load(weights, {"device": device, **(overrides or {})})
+    network, checkpoint = load(weights, {"device": device, **(overrides or {})})
     timings = {}
     for uuid in tqdm(uuids, desc="test cases", unit="case", disable=not progress):
         started = time.perf_counter()
         stack = read_stack(layout.image_path(data, uuid))
-        result, _ = process_case(predictor, checkpoint, stack, out / uuid, extras=False)
+        result, _ = process_case(network, checkpoint, stack, out / uuid, extras=False)
         (out / uuid / "result.json").write_text(json.dumps(result.summary(), indent=2) + "\n")
         timings[uuid] = round(time.perf_counter() - started, 1)
     return {"checkpoint": checkpoint, "seconds_per_case": timings}
