@@ -261,15 +261,7 @@ def test_one_job_at_a_time_and_a_caller_that_hangs_up_abandons_its_job(tmp_path,
 def test_served_as_a_process_sigterm_ends_it_within_the_grace_period(tmp_path, random_weights, cases):
     """`python -m algorithm.serve` as the platform starts it: health polled until 200, one job, SIGTERM
     to the process group, exit well within the shim's 5 s before SIGKILL."""
-    port = free_port()
-    link = tmp_path / "input"
-    point_input(link, cases["b"])
-    log_path = tmp_path / "serve.log"
-    with open(log_path, "w") as log_file:
-        process = subprocess.Popen([sys.executable, "-m", "algorithm.serve", "--port", str(port), "--input",
-                                    str(link), "--output", str(tmp_path / "output"), "--weights",
-                                    str(random_weights), "--device", "cpu"],
-                                   cwd=REPO, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+    process, port, log_path = start_server(tmp_path, random_weights, cases["b"])
     try:
         body = wait_for_health(process, port, log_path)
         assert body["status"] == "ready"
@@ -299,15 +291,7 @@ def test_served_as_a_process_sigterm_ends_it_within_the_grace_period(tmp_path, r
 def test_served_with_precision_fp32_runs_in_fp32(tmp_path, random_weights, cases):
     """`python -m algorithm.serve --precision fp32`: the invoke image is told its precision on the command
     line, as the CLI is; /health and the job's result.json say which precision ran."""
-    port = free_port()
-    link = tmp_path / "input"
-    point_input(link, cases["a"])
-    log_path = tmp_path / "serve.log"
-    with open(log_path, "w") as log_file:
-        process = subprocess.Popen([sys.executable, "-m", "algorithm.serve", "--port", str(port), "--input",
-                                    str(link), "--output", str(tmp_path / "output"), "--weights",
-                                    str(random_weights), "--device", "cpu", "--precision", "fp32"],
-                                   cwd=REPO, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+    process, port, log_path = start_server(tmp_path, random_weights, cases["a"], "--precision", "fp32")
     try:
         health = wait_for_health(process, port, log_path)
         assert health["status"] == "ready" and health["precision"] == "fp32" and health["device"] == "cpu"
@@ -319,6 +303,21 @@ def test_served_with_precision_fp32_runs_in_fp32(tmp_path, random_weights, cases
     result = json.loads((tmp_path / "output" / EXTRAS_DIR / "result.json").read_text())
     assert result["runtime"]["precision"] == "fp32" and result["search"]["precision"] == "fp32"
     assert "network: done in " in log_path.read_text()  # the job's progress is in the server's log
+
+
+def start_server(tmp_path: Path, weights: Path, case: Path, *options: str) -> tuple[subprocess.Popen, int, Path]:
+    """`python -m algorithm.serve` in its own process group, as the platform starts it, with `/input` pointing
+    at `case`: (process, port, log file)."""
+    port = free_port()
+    link = tmp_path / "input"
+    point_input(link, case)
+    log_path = tmp_path / "serve.log"
+    with open(log_path, "w") as log_file:
+        process = subprocess.Popen([sys.executable, "-m", "algorithm.serve", "--port", str(port), "--input",
+                                    str(link), "--output", str(tmp_path / "output"), "--weights", str(weights),
+                                    "--device", "cpu", *options],
+                                   cwd=REPO, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+    return process, port, log_path
 
 
 def wait_for_health(process: subprocess.Popen, port: int, log_path: Path, seconds: float = 300) -> dict:
