@@ -3,7 +3,9 @@
 `Network` owns everything about running the model and nothing about which frames to run it on (that is
 `search.py`'s job). Its public `preprocess`, `encode` and `decode` are the seam the search and the tools
 use: an ensemble or a test-time-augmentation wrapper is another object with the same three methods and
-the same public attributes (`config`, `device`, `precision`, `batch_size`, `runtime`).
+the same public attributes (`config`, `device`, `precision`, `batch_size`, `runtime`; the frame search also
+reads `pad_batches` and `waiting_limit`, the memory plan's answer to how many encoded frames may wait for
+their decode decision).
 
 Speed (`python -m training speed` measures every item against the paper-style reference):
 
