@@ -7,7 +7,7 @@ import pytest
 
 from algorithm.biometry import EDGE_TOLERANCE_PX
 from training import ellipse_study as study
-from training.replica import sector_fov
+from training.data.replica import sector_fov
 
 FOV = sector_fov()
 

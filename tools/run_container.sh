@@ -232,7 +232,7 @@ make_case() {  # make_case NAME SEED [replica args...]; reuses a case generated 
     rm -rf "$src" "$dir"
     local t0=$SECONDS
     "$PY" -m training replica --out "$src" --cases 1 --seed "$seed" "$@" >"$CASES_DIR/replica-$name.log" 2>&1 \
-        || { tail -20 "$CASES_DIR/replica-$name.log" >&2; die "training.replica failed for case $name"; }
+        || { tail -20 "$CASES_DIR/replica-$name.log" >&2; die "training.data.replica failed for case $name"; }
     "$PY" tools/container/make_case.py --source "$src" --case-dir "$dir" >/dev/null
     chmod -R a+rX "$dir"   # readable by the container's user whatever the umask
     rm -rf "$src"

@@ -13,8 +13,8 @@ from pathlib import Path
 
 from algorithm.__main__ import main as run_algorithm
 from algorithm.contract import INPUT_FOLDER
-from training.layout import image_path, stage_case
-from training.replica import write_dataset
+from training.data.layout import image_path, stage_case
+from training.data.replica import write_dataset
 
 
 def make_case(folder: Path, seed: int, frames_per_sweep: int) -> Path:

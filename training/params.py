@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from algorithm.runtime import PRECISIONS
-from training.modes import MODES, SPECS, canonical_mode
+from training.models.modes import MODES, SPECS, canonical_mode
 
 
 @dataclass
@@ -21,15 +21,15 @@ class TrainConfig:
 
     prepared: Path
     out: Path
-    mode: str = "fixed"  # training.modes.MODES
+    mode: str = "fixed"  # training.models.modes.MODES
     config: str = "full"  # full | small (ModelConfig / ModelConfig.small())
     fetalclip: Path | None = None  # published FetalCLIP weights (whole-CLIP checkpoint)
     init: Path | None = None  # start from these weights (our .safetensors, or a last.pt/best.pt): fine-tuning
     train_encoder: bool = False  # fixed only: all encoder weights trainable, no LoRA
-    decoder: str | None = None  # fixed only: unetr | separable (None: training.modes.FIXED_DECODER)
+    decoder: str | None = None  # fixed only: unetr | separable (None: training.models.modes.FIXED_DECODER)
     lora_rank: int = 8
     lora_alpha: int | None = None  # None: 2 x rank (16 at rank 8, the paper's)
-    backbone: str | None = None  # baseline: a name of training.baselines.BASELINES, timm, or open_clip:ARCH[@TAG]
+    backbone: str | None = None  # baseline: a name of training.models.baselines.BASELINES, timm, or open_clip:ARCH[@TAG]
     pretrained: str | None = None  # baseline weights: a local file, "hub", or None (random: tests only)
     adapt: str | None = None  # baseline: lora | full | probe (None: as published)
     epochs: int = 5
@@ -59,13 +59,13 @@ class TrainConfig:
     # per epoch and positive, extra negatives that run through encoder + frame head only (no decoder pass:
     # ~1/6 of a full step's CPU cost); they teach the head to reject, added to every batch in proportion
     head_negatives_per_positive: float | None = None
-    # Hard-negative mining (training.mining): this fraction of each epoch's negatives is drawn in proportion
+    # Hard-negative mining (training.data.mining): this fraction of each epoch's negatives is drawn in proportion
     # to the frame head's P(abdomen) on a fresh pool of `hard_negative_pool` negatives, from epoch
     # `hard_negatives_from` (0-based) on. 0 = uniform negatives (the paper).
     hard_negatives: float = 0.0
     hard_negative_pool: int = 4096
     hard_negatives_from: int = 0
-    class_weight_power: float | None = None  # None: 0.5, or 0 with the balanced sampler (training.losses)
+    class_weight_power: float | None = None  # None: 0.5, or 0 with the balanced sampler (training.models.losses)
     dice_weight: float = 1.0
     mask_ce_weight: float = 0.0  # paper: Dice only
     frame_weight: float = 1.0
@@ -166,14 +166,14 @@ def add_recipe_arguments(p: argparse.ArgumentParser) -> None:
 
 def train_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m training train",
-                                description="Train one mode (training.modes) on prepared frames; write a checkpoint "
+                                description="Train one mode (training.models.modes) on prepared frames; write a checkpoint "
                                             "in algorithm's format.",
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--prepared", type=Path, required=True, help="output of python -m training prepare")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--mode", default="fixed", choices=list(MODES) + ["cls"], help="cls: the former name of probe")
     p.add_argument("--backbone",
-                   help="mode baseline: a name of training.baselines.BASELINES, timm, or open_clip:ARCH[@TAG]")
+                   help="mode baseline: a name of training.models.baselines.BASELINES, timm, or open_clip:ARCH[@TAG]")
     add_recipe_arguments(p)
     p.add_argument("--init", type=Path, help="start from these weights (.safetensors or last.pt/best.pt)")
     p.add_argument("--weight-decay", type=float, default=0.01)
@@ -183,7 +183,7 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-augment", action="store_true")
     p.add_argument("--sampler", default="uniform", choices=["uniform", "balanced"])
     p.add_argument("--hard-negatives", type=float, default=0.0,
-                   help="fraction of each epoch's negatives drawn by the frame head's P(abdomen) (training.mining)")
+                   help="fraction of each epoch's negatives drawn by the frame head's P(abdomen) (training.data.mining)")
     p.add_argument("--hard-negative-pool", type=int, default=4096, help="negatives scored per epoch for mining")
     p.add_argument("--hard-negatives-from", type=int, default=0, help="first epoch (0-based) that mines")
     p.add_argument("--class-weight-power", type=float,

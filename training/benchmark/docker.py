@@ -1,7 +1,7 @@
 """Docker runner: the built submission image, one `docker run` per case, the way grand-challenge runs it.
 
 Each case is staged as grand-challenge mounts /input (the image in its socket's folder plus an `inputs.json`
-naming the socket: `training.layout.stage_case`) and run with the restrictions of tools/run_container.sh: no network,
+naming the socket: `training.data.layout.stage_case`) and run with the restrictions of tools/run_container.sh: no network,
 read-only /input, read-only root file system with a fresh /tmp volume, a memory limit, all capabilities
 dropped, no-new-privileges, the image's own non-root user, `--gpus all` only where `nvidia-smi` works,
 and the weights (when given) mounted read-only at /opt/ml/model like grand-challenge's model tarball.
@@ -65,7 +65,7 @@ def docker_run_command(image: str, input_dir: Path, output_dir: Path, *, tmp_vol
 def stage_input(image: Path, input_dir: Path) -> Path:
     """Lay one image out as grand-challenge mounts /input, readable by any user; returns `input_dir`."""
     from algorithm.contract import INPUT_FOLDER, INPUTS_JSON
-    from training.layout import stage_case
+    from training.data.layout import stage_case
 
     readable = os.stat(image).st_mode & 0o004
     target = stage_case(image, input_dir, how="link" if readable else "copy")

@@ -48,7 +48,7 @@ from typing import Callable, TypeVar
 from urllib.parse import quote, quote_plus
 
 from algorithm.contract import FRAME_SLUG, INPUT_SLUG, MASK_SLUG
-from training import layout
+from training.data import layout
 
 from .cases import Case, read_json, write_json_atomic
 

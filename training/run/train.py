@@ -1,4 +1,4 @@
-"""Train one mode (training.modes) on prepared frames; write a checkpoint in algorithm's format.
+"""Train one mode (training.models.modes) on prepared frames; write a checkpoint in algorithm's format.
 
     python -m training train --prepared DIR --out DIR [--mode fixed|paper|paper-cls|probe|baseline]
         [--config full|small] [--fetalclip PATH] [--epochs 5] [--batch-size 32] [--lr 3e-4]
@@ -13,7 +13,7 @@ mean +- std of the test metrics; the trial with the lowest validation loss becom
 
 Precision: algorithm.runtime's policy (`auto`: bf16 where the GPU has native bf16, capability >= 8.0; fp16
 with gradient scaling below, e.g. a T4; bf16 on CPUs with bf16 units, else fp32). Memory: before training
-the step's memory is measured (training.memory) and printed; when it does not fit the GPU, gradient
+the step's memory is measured (training.run.memory) and printed; when it does not fit the GPU, gradient
 checkpointing and then accumulation over micro-batches are switched on (unless given), keeping the batch.
 
 Outputs in `--out` (per trial in trial_<k>/): last.pt (resumable: what trains, optimizer, scheduler, scaler,
@@ -51,19 +51,19 @@ from algorithm.model.checkpoint import save_checkpoint
 from algorithm.model.fetalclipseg import effective_parameters, inert_parameter_names, total_parameters, \
     trainable_parameters
 from algorithm.runtime import autocast, choose_precision, needs_grad_scaling
-from training.augment import build_augment
-from training.dataset import FrameDataset, read_manifest
-from training.distributed import DistContext, gather_to_main, reduce_device, setup_distributed, shutdown
-from training.evaluate_frames import (METRIC_COLUMNS, FrameStats, accumulate, frame_loader, frame_report,
+from training.data.augment import build_augment
+from training.data.dataset import FrameDataset, read_manifest
+from training.run.distributed import DistContext, gather_to_main, reduce_device, setup_distributed, shutdown
+from training.scoring.evaluate_frames import (METRIC_COLUMNS, FrameStats, accumulate, frame_loader, frame_report,
                                       markdown_table, merge_frames, save_frames, table_rows)
-from training.losses import LossWeights, SegLoss, class_weights
-from training.memory import MemoryEstimate, MemoryPlan, device_budget, estimate_step_memory, plan_memory
-from training.mining import Hardness, mining_pool, score_negatives
-from training.modes import build_training_model, canonical_mode
+from training.models.losses import LossWeights, SegLoss, class_weights
+from training.run.memory import MemoryEstimate, MemoryPlan, device_budget, estimate_step_memory, plan_memory
+from training.data.mining import Hardness, mining_pool, score_negatives
+from training.models.modes import build_training_model, canonical_mode
 from training.params import TrainConfig, config_from_args, train_parser
-from training.report_plots import plot_history
-from training.sampling import EpochSampler, MixedBatches, validation_subset
-from training.snapshot import (SnapshotError, load_trainable_state, read_snapshot, rng_state, save_snapshot,
+from training.scoring.report_plots import plot_history
+from training.data.sampling import EpochSampler, MixedBatches, validation_subset
+from training.models.snapshot import (SnapshotError, load_trainable_state, read_snapshot, rng_state, save_snapshot,
                                set_rng_state, trainable_state)
 
 log = logging.getLogger("training")
@@ -178,7 +178,7 @@ def make_step(view: TrainView, loss: SegLoss, sample: tuple[torch.Tensor, ...], 
 
 def measure_step(view: TrainView, loss: SegLoss, sample: tuple[torch.Tensor, ...], device: torch.device,
                  precision: str, channels_last: bool = True) -> MemoryEstimate:
-    """training.memory's estimate of a training step of `view` + `loss`, measured on copies of `sample`."""
+    """training.run.memory's estimate of a training step of `view` + `loss`, measured on copies of `sample`."""
     return estimate_step_memory(view.model, make_step(view, loss, sample, device, precision, channels_last),
                                 half_precision=precision in ("bf16", "fp16"))
 
@@ -302,7 +302,7 @@ class Trainer:
 
     # -- memory
     def _plan_memory(self) -> MemoryPlan:
-        """Measure a step and choose checkpointing / accumulation (training.memory)."""
+        """Measure a step and choose checkpointing / accumulation (training.run.memory)."""
         cfg = self.cfg
         self.memory_estimate = measure_step(self.view, self.loss, self.train_set[0], self.ctx.device,
                                             self.precision, cfg.channels_last)
@@ -449,7 +449,7 @@ class Trainer:
 
     def mine_hard_negatives(self, epoch: int) -> dict[str, float] | None:
         """Score this epoch's pool of negatives with the current model and hand it to the sampler
-        (training.mining). Every rank scores the same pool, so all ranks draw the same batches."""
+        (training.data.mining). Every rank scores the same pool, so all ranks draw the same batches."""
         cfg = self.cfg
         if not cfg.hard_negatives or epoch < cfg.hard_negatives_from:
             return None
@@ -570,7 +570,7 @@ class Trainer:
                 f"trained {self.state.epoch + 1} epoch(s), best epoch {self.state.best_epoch + 1}, seed {self.seed}, "
                 f"on {'the replica dataset' if replica else 'the ACOUSLIC-AI training data'} "
                 f"({counts['cases']} cases, {counts['frames']} frames) at {manifest['data']}; "
-                f"training/train.py, algorithm {__version__}")
+                f"training/run/train.py, algorithm {__version__}")
         if replica:
             text += "; replica-trained, not for clinical use"
         if cfg.note:

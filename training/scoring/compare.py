@@ -20,7 +20,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from training.modes import format_parameters
+from training.models.modes import format_parameters
 
 TIE = 1e-9
 
@@ -122,7 +122,7 @@ def markdown(rows: Sequence[dict[str, Any]], pairs: dict[str, Any]) -> str:
 
 
 def plot(pairs: dict[str, Any], path: Path, title: str = "") -> Path:
-    from training.report_plots import plt, save_figure  # the Agg backend, set there
+    from training.scoring.report_plots import plt, save_figure  # the Agg backend, set there
 
     names, cases = list(pairs["scores"]), pairs["cases"]
     order = np.argsort([-np.mean([pairs["scores"][n][i] for n in names]) for i in range(len(cases))], kind="stable")

@@ -2,7 +2,7 @@
 
 `python -m training prepare` writes one folder per split holding memory-mappable arrays:
 
-    <prepared>/manifest.json            seed, case uuids per split, subjects, counts (see training.prepare)
+    <prepared>/manifest.json            seed, case uuids per split, subjects, counts (see training.data.prepare)
     <prepared>/<split>/images.npy       (N, 224, 224) uint8 grey, already padded to square and resized
     <prepared>/<split>/masks.npy        (N, 224, 224) uint8 release labels: 0 bg, 1 optimal, 2 suboptimal
     <prepared>/<split>/labels.npy       (N,) int8 frame class in the head's order (FRAME_NONE/SUBOPTIMAL/OPTIMAL)
@@ -30,7 +30,7 @@ SPLITS = ("train", "val", "test")
 MANIFEST = "manifest.json"
 ARRAYS = ("images", "masks", "labels", "index")
 
-# Release mask values (training.metrics.GT_OPTIMAL / GT_SUBOPTIMAL).
+# Release mask values (training.scoring.metrics.GT_OPTIMAL / GT_SUBOPTIMAL).
 MASK_OPTIMAL, MASK_SUBOPTIMAL = 1, 2
 
 Augment = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
@@ -96,7 +96,7 @@ def to_network_input(grey: np.ndarray | torch.Tensor) -> torch.Tensor:
 class FrameDataset(Dataset):
     """One prepared split as (image (3, S, S) float, abdomen mask (S, S) int64 {0, 1}, frame class int64).
 
-    `augment(grey, mask) -> (grey, mask)` works on uint8 arrays at network size (training.augment); the
+    `augment(grey, mask) -> (grey, mask)` works on uint8 arrays at network size (training.data.augment); the
     release labels are turned into the binary abdomen mask after augmentation, so the nearest-neighbour
     warp never mixes label values.
 
@@ -126,7 +126,7 @@ class FrameDataset(Dataset):
         return len(self.labels)
 
     def __getitem__(self, key: int | tuple[int, bool]) -> tuple[torch.Tensor, ...]:
-        """Frame `key`; a key (frame, decode) (training.train.MixedBatches) adds the decode flag."""
+        """Frame `key`; a key (frame, decode) (training.run.train.MixedBatches) adds the decode flag."""
         k, decode = (key, None) if not isinstance(key, tuple) else key
         i = k % len(self.frame_labels)
         grey = np.asarray(self.arrays.images[i])

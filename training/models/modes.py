@@ -14,7 +14,7 @@
   adapters stay inert), one linear layer with one output on the image embedding, binary cross-entropy
   (abdomen plane on the frame or not). No mask.
 * `probe`: the linear-probing ablation: `paper-cls` without LoRA, the encoder frozen.
-* `baseline`: a generic backbone with the FetalCLIPCLS head (training.baselines).
+* `baseline`: a generic backbone with the FetalCLIPCLS head (training.models.baselines).
 """
 from __future__ import annotations
 
@@ -128,10 +128,10 @@ def build_training_model(mode: str, config: str = "full", fetalclip: Path | None
     """The network of `mode`, with requires_grad set as that mode trains it."""
     mode = canonical_mode(mode)
     if mode == "baseline":
-        from training.baselines import build_baseline
+        from training.models.baselines import build_baseline
 
         if not backbone:
-            raise ValueError("mode baseline needs --backbone (a name of training.baselines.BASELINES or timm)")
+            raise ValueError("mode baseline needs --backbone (a name of training.models.baselines.BASELINES or timm)")
         return build_baseline(backbone, pretrained, adapt, lora_rank,
                               2 * lora_rank if lora_alpha is None else lora_alpha)
     from algorithm.model.fetalclipseg import build_model

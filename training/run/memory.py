@@ -275,9 +275,9 @@ def run_memory_command(args: argparse.Namespace) -> int:
     import torch
 
     from algorithm.runtime import choose_precision
-    from training.losses import SegLoss, class_weights
-    from training.modes import SPECS, build_training_model, canonical_mode
-    from training.train import TrainView, make_step, measure_step
+    from training.models.losses import SegLoss, class_weights
+    from training.models.modes import SPECS, build_training_model, canonical_mode
+    from training.run.train import TrainView, make_step, measure_step
 
     mode = canonical_mode(args.mode)
     device = torch.device(args.device)
@@ -326,7 +326,7 @@ def run_memory_command(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m training memory`: measure a mode's training step and print the set-up that fits a budget."""
-    from training.modes import MODES
+    from training.models.modes import MODES
 
     mem = argparse.ArgumentParser(prog="python -m training memory", description=__doc__.splitlines()[0])
     mem.add_argument("--config", default="full", choices=["full", "small"])

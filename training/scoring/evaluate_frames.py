@@ -10,11 +10,11 @@ scored from the same forward pass:
 * head (FetalCLIPCLS view): positive when the frame head says abdomen: argmax suboptimal or optimal for
   a three-class head, sigmoid >= 0.5 for a one-output head.
 
-Reported per rule: accuracy, F1, precision, recall, specificity (`training.metrics.frame_level_metrics`),
+Reported per rule: accuracy, F1, precision, recall, specificity (`training.scoring.metrics.frame_level_metrics`),
 with the trainable parameter count of the model. `FrameStats` accumulates the losses and confusion counts
 batch by batch, so a split never has to fit in memory, and sums across ranks under torch.distributed; with
 `keep_frames` it also keeps every frame's mask fraction and P(abdomen) (gathered on rank 0), which the
-threshold sweep (training.threshold_sweep) reads.
+threshold sweep (training.scoring.threshold_sweep) reads.
 """
 from __future__ import annotations
 
@@ -34,10 +34,10 @@ from tqdm import tqdm
 
 from algorithm.config import FRAME_NONE, InferenceConfig
 from algorithm.runtime import autocast
-from training.dataset import FrameDataset
-from training.losses import DiceSums, LossWeights, dice_sums, frame_loss
-from training.metrics import frame_level_metrics
-from training.modes import SPECS
+from training.data.dataset import FrameDataset
+from training.models.losses import DiceSums, LossWeights, dice_sums, frame_loss
+from training.scoring.metrics import frame_level_metrics
+from training.models.modes import SPECS
 
 # The paper's frame-level figures (He, Wang, Yaqub 2025, arXiv 2507.22802), for side-by-side tables.
 PAPER_FRAME_TABLE: dict[str, dict[str, float | None]] = {

@@ -35,8 +35,8 @@ from tqdm import tqdm
 
 from algorithm.config import FRAME_CLASS_NAMES, SWEEPS_PER_CASE
 from algorithm.preprocess import pad_to_square, resize_frames
-from training import layout
-from training.dataset import ARRAYS, MANIFEST, SPLITS, frame_labels
+from training.data import layout
+from training.data.dataset import ARRAYS, MANIFEST, SPLITS, frame_labels
 
 DEFAULT_FRACTIONS = (0.7, 0.1, 0.2)
 IMAGE_SIZE = 224
@@ -99,7 +99,7 @@ def stack_depth(path: Path) -> int:
 
 
 def selected_frames(n_frames: int, acs: Sequence[float | None], all_sweeps: bool) -> list[tuple[int, int]]:
-    """(frame, sweep) pairs to keep: sweeps are consecutive blocks of n_frames // 6 (training.metrics)."""
+    """(frame, sweep) pairs to keep: sweeps are consecutive blocks of n_frames // 6 (training.scoring.metrics)."""
     length = max(1, n_frames // SWEEPS_PER_CASE)
     keep = []
     for sweep in range(SWEEPS_PER_CASE):
@@ -258,7 +258,7 @@ def prepare(data: Path, out: Path, seed: int = 0, all_sweeps: bool = False,
 
 
 def is_replica(data: Path) -> bool:
-    """Whether `data` was written by training.replica (its marker file or README says so)."""
+    """Whether `data` was written by training.data.replica (its marker file or README says so)."""
     data = Path(data)
     for name in ("replica.json", "REPLICA", "README.md", "README.txt"):
         path = data / name

@@ -45,7 +45,7 @@ from tqdm import tqdm
 
 from algorithm.biometry import circumference_mm
 from algorithm.config import PIXEL_SPACING_MM, SWEEPS_PER_CASE
-from training.layout import CIRCUMFERENCES_CSV, CIRCUMFERENCES_HEADER, image_path, mask_path
+from training.data.layout import CIRCUMFERENCES_CSV, CIRCUMFERENCES_HEADER, image_path, mask_path
 
 LABEL_OPTIMAL, LABEL_SUBOPTIMAL = 1, 2
 # Frames per sweep of the real release; run lengths and positions are defined at this scale and scaled
@@ -1106,7 +1106,7 @@ def write_dataset(out: Path | str, cases: int, frames_per_sweep: int | None = No
         for case_uuid, subject, ac in zip(uuids, subject_ids(pairs), acs):
             writer.writerow([case_uuid, subject] + [_format_ac(v) for v in ac])
     # Provenance, and the marker by which the data tools tell a replica from the real release.
-    marker = {"generator": "training.replica", "seed": seed, "cases": cases, "abdomen": abdomen,
+    marker = {"generator": "training.data.replica", "seed": seed, "cases": cases, "abdomen": abdomen,
               "config": dataclasses.asdict(cfg)}
     (out / REPLICA_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
     return uuids

@@ -10,7 +10,7 @@ with every fit and compares the perimeter with the true one (the exact perimeter
 Writes `table.md`, `results.json` (every measurement) and `examples.png` to `--out`.
 
 The fits: the project's (`algorithm.biometry.fit_ellipse`, at its default edge band and at others) and the
-official scorer's (`training.official.official_fit_ellipse`).
+official scorer's (`training.scoring.official.official_fit_ellipse`).
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ from scipy.special import ellipe
 
 from algorithm.biometry import EDGE_TOLERANCE_PX, Ellipse, fit_ellipse
 from algorithm.config import PIXEL_SPACING_MM
-from training.official import official_fit_ellipse
+from training.scoring.official import official_fit_ellipse
 
 AC_RANGE_MM = (141.0, 351.0)  # the public training set's reference ACs
 ASPECT_RANGE = (0.6, 0.95)  # minor / major semi-axis: oblique to round cuts
@@ -285,10 +285,10 @@ def example_rows(records: Sequence[dict], chosen: str) -> list[tuple[int, str]]:
 
 def read_fov(path: Path | None) -> tuple[np.ndarray, str]:
     if path is None:
-        from training.replica import sector_fov
+        from training.data.replica import sector_fov
 
         return sector_fov(), "the replica's sector"
-    from training.evaluate import read_fov_mask
+    from training.scoring.evaluate import read_fov_mask
 
     return read_fov_mask(path), str(path)
 

@@ -3,7 +3,7 @@
 `reproduce` = prepare (once, on rank 0; reused when every parameter of its content matches) -> train each
 mode (under torchrun with DDP) -> the paper's frame-level table with parameter counts beside the paper's ->
 the threshold sweep of the mask-size rule -> the algorithm on every whole test case and the challenge score
-(training.evaluate), on rank 0 -> one Markdown report.
+(training.scoring.evaluate), on rank 0 -> one Markdown report.
 
 `demo-weights` makes the bundled CPU demo weights: a replica dataset, prepared, the small configuration
 trained from scratch on the CPU (all encoder weights trainable), saved as a checkpoint with the provenance
@@ -18,12 +18,12 @@ it spends decoder passes where they teach most:
   sweeps without an abdomen, which a whole-case run must reject;
 * per epoch every positive frame (once, augmented online), 0.75 decoded negatives per positive, and 4
   head-only negatives per positive (encoder + frame head, no decoder: a fraction of the cost), see
-  `training.sampling.MixedBatches`;
+  `training.data.sampling.MixedBatches`;
 * batch 8, AdamW 1e-3 with 50 warm-up steps (a from-scratch network, not LoRA on a pretrained one),
   Dice + cross-entropy for the mask, bf16 autocast where the CPU has bf16 units, one torch thread, NHWC;
 * 42 epochs, the one with the lowest validation loss kept (validation: 160 frames, positives first): the
   frame head of a from-scratch encoder learns long after the mask is usable.
-* optionally (`--mine-epochs N`, off by default) N more epochs of hard-negative mining (training.mining)
+* optionally (`--mine-epochs N`, off by default) N more epochs of hard-negative mining (training.data.mining)
   from the best of those weights, AdamW 3e-4, half of every negative draw taken from the negatives the
   frame head still calls abdomen, again keeping the epoch with the lowest validation loss. Off by default
   because it fixed the acceptance cases at the cost of other replica cases (docs/training.md).
@@ -43,11 +43,11 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from training import layout
+from training.data import layout
 
 log = logging.getLogger("training")
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DEMO_WEIGHTS = REPO / "algorithm" / "weights" / "fetalclipseg_small_replica.safetensors"
 DEMO_PROVENANCE = "replica-trained demo weights, not for clinical use"
 CHECK_SEED = 424242  # the acceptance cases; never a training seed
@@ -78,7 +78,7 @@ def predict_cases(weights: Path, data: Path, uuids: Sequence[str], out: Path, de
 
 
 def ground_truth_view(data: Path, uuids: Sequence[str], folder: Path) -> Path:
-    """A release-layout folder holding only `uuids` (symlinks, filtered CSV): training.evaluate scores every
+    """A release-layout folder holding only `uuids` (symlinks, filtered CSV): training.scoring.evaluate scores every
     case it finds, so the test split needs a folder of its own."""
     if folder.exists():
         shutil.rmtree(folder)
@@ -101,8 +101,8 @@ def ground_truth_view(data: Path, uuids: Sequence[str], folder: Path) -> Path:
 
 def challenge_score(weights: Path, data: Path, uuids: Sequence[str], out: Path, device: str = "auto",
                     overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Predict whole cases and score them with training.evaluate; returns its report (+ timings)."""
-    from training.evaluate import evaluate
+    """Predict whole cases and score them with training.scoring.evaluate; returns its report (+ timings)."""
+    from training.scoring.evaluate import evaluate
 
     predictions = out / "predictions"
     run = predict_cases(weights, data, uuids, predictions, device, overrides)
@@ -127,7 +127,7 @@ def challenge_table(rows: dict[str, dict[str, Any]]) -> str:
 
 def reproduce_runs(args: argparse.Namespace, prepared: Path) -> list[tuple[str, Any]]:
     """(report name, TrainConfig) of every mode and baseline `reproduce` trains, in order."""
-    from training.modes import canonical_mode
+    from training.models.modes import canonical_mode
     from training.params import TrainConfig, recipe_from_args
 
     recipe = recipe_from_args(args)
@@ -157,8 +157,8 @@ def reproduce_runs(args: argparse.Namespace, prepared: Path) -> list[tuple[str, 
 
 def prepare_once(args: argparse.Namespace, prepared: Path, ctx) -> dict:
     """Rank 0 prepares (or reuses a preparation made with the same key); the other ranks wait."""
-    from training.dataset import read_manifest
-    from training.prepare import prepare, prepare_key, prepared_matches
+    from training.data.dataset import read_manifest
+    from training.data.prepare import prepare, prepare_key, prepared_matches
 
     if ctx.main:
         key = prepare_key(args.data, args.seed, args.all_sweeps, replica=args.replica)
@@ -173,12 +173,12 @@ def prepare_once(args: argparse.Namespace, prepared: Path, ctx) -> dict:
 
 
 def reproduce(args: argparse.Namespace) -> int:
-    from training.distributed import setup_distributed
-    from training.evaluate_frames import markdown_table
-    from training.modes import parameters_table
-    from training.prepare import describe
-    from training.threshold_sweep import markdown as sweep_markdown, run as run_sweep
-    from training.train import result_rows, summarise, train
+    from training.run.distributed import setup_distributed
+    from training.scoring.evaluate_frames import markdown_table
+    from training.models.modes import parameters_table
+    from training.data.prepare import describe
+    from training.scoring.threshold_sweep import markdown as sweep_markdown, run as run_sweep
+    from training.run.train import result_rows, summarise, train
 
     ctx = setup_distributed(args.device)
     out: Path = args.out
@@ -267,8 +267,8 @@ def check_weights(weights: Path, work: Path, cases: int = 4, seed: int = CHECK_S
                   frames_per_sweep: int = 140, device: str = "cpu", threads: int | None = None) -> dict[str, Any]:
     """The acceptance check: replica cases (seed 424242), `python -m algorithm` on each through its CLI,
     then `python -m training evaluate`. Returns the evaluation report."""
-    from training.evaluate import evaluate
-    from training.replica import write_dataset
+    from training.scoring.evaluate import evaluate
+    from training.data.replica import write_dataset
 
     data = work / f"check_{seed}"
     if not (data / layout.CIRCUMFERENCES_CSV).is_file():
@@ -292,10 +292,10 @@ def check_weights(weights: Path, work: Path, cases: int = 4, seed: int = CHECK_S
 def demo_weights(args: argparse.Namespace) -> int:
     from algorithm.model.checkpoint import load_checkpoint, save_checkpoint
     from algorithm.runtime import choose_precision
-    from training.replica import write_dataset
-    from training.prepare import describe, prepare
+    from training.data.replica import write_dataset
+    from training.data.prepare import describe, prepare
     from training.params import TrainConfig, sampling_from_args, schedule_from_args
-    from training.train import CHECKPOINT_NAME, train
+    from training.run.train import CHECKPOINT_NAME, train
 
     if args.seed == CHECK_SEED:
         raise SystemExit(f"--seed {CHECK_SEED} makes the acceptance cases; train on another seed")
@@ -322,7 +322,7 @@ def demo_weights(args: argparse.Namespace) -> int:
     final = work / "train" / CHECKPOINT_NAME
     epochs = f"{summary['trials'][0]['epochs_trained']} epochs"
     if args.mine_epochs:
-        # Stage 2: fine-tune the stage-1 weights with hard-negative mining (training.mining), with a fresh
+        # Stage 2: fine-tune the stage-1 weights with hard-negative mining (training.data.mining), with a fresh
         # optimiser and its own best epoch by validation loss.
         mined = dataclasses.replace(cfg, out=work / "mine", init=final, epochs=args.mine_epochs, lr=args.mine_lr,
                                     hard_negatives=args.hard_negatives, hard_negatives_from=0)
@@ -366,7 +366,7 @@ def demo_weights(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------------ commands
 
 def reproduce_parser() -> argparse.ArgumentParser:
-    from training.modes import FETALCLIP_MODES
+    from training.models.modes import FETALCLIP_MODES
     from training.params import add_recipe_arguments
 
     rep = argparse.ArgumentParser(prog="python -m training reproduce",
@@ -377,7 +377,7 @@ def reproduce_parser() -> argparse.ArgumentParser:
     rep.add_argument("--prepared", type=Path, help="reuse / write prepared data here (default OUT/prepared)")
     rep.add_argument("--modes", nargs="+", default=list(FETALCLIP_MODES), choices=list(FETALCLIP_MODES) + ["cls"])
     rep.add_argument("--baselines", nargs="+", metavar="NAME",
-                     help="also train these baselines (training.baselines: densenet, swin, clip_openai, ... or "
+                     help="also train these baselines (training.models.baselines: densenet, swin, clip_openai, ... or "
                           "a timm name); weights from --pretrained hub, or NAME.safetensors / NAME.pth in "
                           "--baseline-weights")
     rep.add_argument("--baseline-weights", type=Path, help="folder of local baseline weights, one file per name")
@@ -420,8 +420,8 @@ def demo_weights_parser() -> argparse.ArgumentParser:
 
 def _run(command, args: argparse.Namespace) -> int:
     """A recipe with its exit codes: a snapshot that cannot be resumed is exit 2; processes shut down."""
-    from training.distributed import shutdown
-    from training.snapshot import SnapshotError
+    from training.run.distributed import shutdown
+    from training.models.snapshot import SnapshotError
 
     try:
         return command(args)
@@ -435,7 +435,7 @@ def _run(command, args: argparse.Namespace) -> int:
 def reproduce_main(argv: Sequence[str] | None = None) -> int:
     """`python -m training reproduce` (also under torchrun)."""
     from algorithm.runtime import choose_precision, resolve_device
-    from training.train import configure_logging
+    from training.run.train import configure_logging
 
     configure_logging()
     parser = reproduce_parser()
@@ -449,7 +449,7 @@ def reproduce_main(argv: Sequence[str] | None = None) -> int:
 
 def demo_weights_main(argv: Sequence[str] | None = None) -> int:
     """`python -m training demo-weights`."""
-    from training.train import configure_logging
+    from training.run.train import configure_logging
 
     configure_logging()
     argv = list(sys.argv[1:] if argv is None else argv)
