@@ -36,6 +36,11 @@ from typing import Callable, Iterable, Sequence
 import torch
 from torch import nn
 
+from algorithm.runtime import choose_precision
+from training.models.losses import SegLoss, class_weights
+from training.models.modes import MODES, SPECS, build_training_model, canonical_mode
+from training.run.step import TrainView, make_step
+
 log = logging.getLogger("training")
 
 GiB = 1024 ** 3
@@ -181,6 +186,13 @@ def estimate_step_memory(model: nn.Module, step: Callable[[int], torch.Tensor],
                           cast_copies=cast_copies)
 
 
+def measure_step(view: TrainView, loss: SegLoss, sample: tuple[torch.Tensor, ...], device: torch.device,
+                 precision: str, channels_last: bool = True) -> MemoryEstimate:
+    """The estimate of a training step of `view` + `loss` (`estimate_step_memory`), measured on copies of `sample`."""
+    return estimate_step_memory(view.model, make_step(view, loss, sample, device, precision, channels_last),
+                                half_precision=precision in ("bf16", "fp16"))
+
+
 def _divisors(n: int) -> Iterable[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
@@ -272,13 +284,6 @@ def measure_step_peak(model: nn.Module, step: Callable[[int], torch.Tensor], mic
 
 def run_memory_command(args: argparse.Namespace) -> int:
     """Build a mode (random weights), measure its step and plan it for a budget."""
-    import torch
-
-    from algorithm.runtime import choose_precision
-    from training.models.losses import SegLoss, class_weights
-    from training.models.modes import SPECS, build_training_model, canonical_mode
-    from training.run.train import TrainView, make_step, measure_step
-
     mode = canonical_mode(args.mode)
     device = torch.device(args.device)
     # fp16 on the CPU (planning for a GPU without native bf16 from a machine without one): autocast to bf16
@@ -326,8 +331,6 @@ def run_memory_command(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m training memory`: measure a mode's training step and print the set-up that fits a budget."""
-    from training.models.modes import MODES
-
     mem = argparse.ArgumentParser(prog="python -m training memory", description=__doc__.splitlines()[0])
     mem.add_argument("--config", default="full", choices=["full", "small"])
     mem.add_argument("--mode", default="fixed", choices=list(MODES))

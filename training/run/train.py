@@ -36,7 +36,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -57,7 +57,8 @@ from training.run.distributed import DistContext, gather_to_main, reduce_device,
 from training.scoring.evaluate_frames import (METRIC_COLUMNS, FrameStats, accumulate, frame_loader, frame_report,
                                       markdown_table, merge_frames, save_frames, table_rows)
 from training.models.losses import LossWeights, SegLoss, class_weights
-from training.run.memory import MemoryEstimate, MemoryPlan, device_budget, estimate_step_memory, plan_memory
+from training.run.memory import MemoryPlan, device_budget, measure_step, plan_memory
+from training.run.step import TrainView
 from training.data.mining import Hardness, mining_pool, score_negatives
 from training.models.modes import build_training_model, canonical_mode
 from training.params import TrainConfig, config_from_args, train_parser
@@ -134,53 +135,6 @@ def load_weights(model: nn.Module, path: Path) -> None:
             raise SnapshotError(f"--init {path} is not a last.pt / best.pt of training (no 'model' entry)")
         state = saved["model"]
     load_trainable_state(model, state, f"--init {path}")
-
-
-class TrainView(nn.Module):
-    """What one training step runs: the whole network, or (segmenting modes) the decoder on some frames only.
-
-    A module of its own so DistributedDataParallel wraps exactly the computation that produces the loss.
-    """
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, images: torch.Tensor, decode: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """(mask logits or None, frame logits); with `decode` (bool (B,)) the decoder runs on those frames only."""
-        if decode is None or getattr(self.model, "decoder", None) is None:
-            out = self.model(images)
-            return out.mask_logits, out.frame_logits
-        # FetalCLIPSeg.forward, with the decoder restricted to the frames that need a mask.
-        with torch.no_grad() if self.model.config.encoder_no_grad else contextlib.nullcontext():
-            features, embedding = self.model.encoder(images)
-        mask_logits = self.model.decoder(images[decode], [f[decode] for f in features])
-        return mask_logits, self.model.frame_head(embedding)
-
-
-def make_step(view: TrainView, loss: SegLoss, sample: tuple[torch.Tensor, ...], device: torch.device,
-              precision: str, channels_last: bool = True) -> Callable[[int], torch.Tensor]:
-    """step(batch) -> the training loss of `batch` copies of `sample` (forward and loss, no backward)."""
-    def step(batch: int) -> torch.Tensor:
-        images = sample[0][None].expand(batch, -1, -1, -1).contiguous().to(device)
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        mask = sample[1][None].expand(batch, -1, -1).contiguous().to(device)
-        label = sample[2].reshape(1).repeat(batch).to(device)
-        view.train()
-        with autocast(device, precision):
-            mask_logits, frame_logits = view(images)
-        return loss(mask_logits, frame_logits, mask, label)[0]
-
-    return step
-
-
-def measure_step(view: TrainView, loss: SegLoss, sample: tuple[torch.Tensor, ...], device: torch.device,
-                 precision: str, channels_last: bool = True) -> MemoryEstimate:
-    """training.run.memory's estimate of a training step of `view` + `loss`, measured on copies of `sample`."""
-    return estimate_step_memory(view.model, make_step(view, loss, sample, device, precision, channels_last),
-                                half_precision=precision in ("bf16", "fp16"))
 
 
 # ------------------------------------------------------------------------------------------ training
