@@ -22,7 +22,7 @@ from training.data.augment import AugmentConfig, FrameAugment
 from training.data.dataset import FrameDataset, SplitArrays, frame_labels, read_manifest
 from training.models.losses import class_weights
 from training.data.prepare import prepare, read_circumferences, split_by_subject
-from training.models.modes import model_config_for
+from training.models.modes import ModelOptions, model_config_for
 from training.data.sampling import EpochSampler, MixedBatches
 from training.run.train import Trainer, TrainConfig, train
 
@@ -258,21 +258,21 @@ def test_class_weights_from_counts():
 # ------------------------------------------------------------------------------------------ training
 
 def test_modes_build_the_published_and_fixed_models():
-    paper = model_config_for("paper", "small")
+    paper = model_config_for(ModelOptions("paper", "small"))
     assert paper.lora_targets == ("c_fc", "c_proj", "out_proj") and paper.encoder_no_grad and paper.use_lora
     assert paper.decoder == "separable" and paper.frame_classes == 3
-    fixed = model_config_for("fixed", "small")
+    fixed = model_config_for(ModelOptions("fixed", "small"))
     assert fixed.lora_targets == ("c_fc", "c_proj", "attn") and not fixed.encoder_no_grad
-    assert not model_config_for("fixed", "small", train_encoder=True).use_lora  # --train-encoder
-    cls = model_config_for("paper-cls", "small")
+    assert not model_config_for(ModelOptions("fixed", "small", train_encoder=True)).use_lora  # --train-encoder
+    cls = model_config_for(ModelOptions("paper-cls", "small"))
     assert cls.decoder == "none" and cls.frame_head == "linear" and cls.frame_classes == 1 and cls.use_lora
     assert cls.lora_targets == paper.lora_targets and not cls.encoder_no_grad
-    probe = model_config_for("probe", "small")
+    probe = model_config_for(ModelOptions("probe", "small"))
     assert probe == dataclasses.replace(cls, use_lora=False, encoder_no_grad=True, lora_targets=probe.lora_targets)
-    assert model_config_for("cls", "small") == probe  # the probe's former name
-    assert model_config_for("fixed", "small", lora_rank=4).lora_alpha == 8  # alpha 2 x rank by default
+    assert model_config_for(ModelOptions("cls", "small")) == probe  # the probe's former name
+    assert model_config_for(ModelOptions("fixed", "small", lora_rank=4)).lora_alpha == 8  # alpha 2 x rank by default
     with pytest.raises(ValueError, match="applies to mode fixed"):
-        model_config_for("paper", "small", train_encoder=True)
+        model_config_for(ModelOptions("paper", "small", train_encoder=True))
 
 
 def _lora_snapshot(trainer: Trainer) -> dict[str, torch.Tensor]:

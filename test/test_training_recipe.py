@@ -22,7 +22,7 @@ import torch
 
 from algorithm.config import FRAME_NONE
 from training.run.memory import GiB, MemoryEstimate, measure_step, plan_memory
-from training.models.modes import SPECS, build_training_model, count_parameters
+from training.models.modes import SPECS, ModelOptions, build_training_model, count_parameters
 from training.data.prepare import prepare, prepare_key, prepared_matches
 from training.models.snapshot import SnapshotError, read_snapshot
 from training.run.train import Trainer, TrainConfig, load_weights, train, training_precision
@@ -91,7 +91,7 @@ def test_paper_mode_frame_head_cannot_change_how_the_decoder_trains():
     from training.models.losses import SegLoss
 
     torch.manual_seed(0)
-    model = build_training_model("paper", "small").train()
+    model = build_training_model(ModelOptions("paper", "small")).train()
     x = torch.randn(3, 3, 224, 224)
     mask = torch.zeros(3, 224, 224, dtype=torch.long)
     mask[:, 80:140, 90:150] = 1
@@ -192,7 +192,7 @@ def test_half_precision_counts_the_frozen_weight_copies_that_no_saved_tensor_sho
         for precision in ("fp32", "bf16"):
             estimates[mode, precision] = measure_step(trainer.view, trainer.loss, trainer.train_set[0],
                                                       trainer.ctx.device, precision)
-    blocks = build_training_model("paper", "small").encoder.visual.transformer.resblocks
+    blocks = build_training_model(ModelOptions("paper", "small")).encoder.visual.transformer.resblocks
     frozen_half = sum(p.numel() * 2 for p in blocks.parameters() if not p.requires_grad)
     assert estimates["paper", "bf16"].cast_copies == frozen_half > 0
     assert estimates["paper", "fp32"].cast_copies == 0
@@ -292,10 +292,10 @@ def test_a_pickle_payload_is_refused_and_never_runs(prepared, tmp_path, where):
 def test_init_from_a_snapshot_of_another_mode_is_refused(prepared, tmp_path):
     source = Trainer(config(prepared, tmp_path / "probe", mode="probe", max_steps=1))
     source.fit()
-    model = build_training_model("paper-cls", "small")
+    model = build_training_model(ModelOptions("paper-cls", "small"))
     with pytest.raises(SnapshotError, match="does not fit this model"):
         load_weights(model, source.best_path)
-    again = build_training_model("probe", "small")
+    again = build_training_model(ModelOptions("probe", "small"))
     load_weights(again, source.best_path)
     assert torch.equal(again.frame_head[0].weight, source.model.frame_head[0].weight)
 

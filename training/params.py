@@ -7,31 +7,23 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from algorithm.runtime import PRECISIONS
-from training.models.modes import MODES, SPECS, canonical_mode
+from training.models.modes import FORMER_NAMES, MODES, ModelOptions, mode_argument
 
 
 @dataclass
-class TrainConfig:
-    """Everything one training run depends on; stored in every checkpoint and summary."""
+class TrainConfig(ModelOptions):
+    """Everything one training run depends on; stored in every checkpoint and summary.
 
-    prepared: Path
-    out: Path
-    mode: str = "fixed"  # training.models.modes.MODES
-    config: str = "full"  # full | small (ModelConfig / ModelConfig.small())
-    fetalclip: Path | None = None  # published FetalCLIP weights (whole-CLIP checkpoint)
+    Its model's part (mode, configuration, FetalCLIP weights, LoRA, baseline backbone) comes from `ModelOptions`."""
+
+    prepared: Path = field(kw_only=True)
+    out: Path = field(kw_only=True)
     init: Path | None = None  # start from these weights (our .safetensors, or a last.pt/best.pt): fine-tuning
-    train_encoder: bool = False  # fixed only: all encoder weights trainable, no LoRA
-    decoder: str | None = None  # fixed only: unetr | separable (None: training.models.modes.FIXED_DECODER)
-    lora_rank: int = 8
-    lora_alpha: int | None = None  # None: 2 x rank (16 at rank 8, the paper's)
-    backbone: str | None = None  # baseline: a name of training.models.baselines.BASELINES, timm, or open_clip:ARCH[@TAG]
-    pretrained: str | None = None  # baseline weights: a local file, "hub", or None (random: tests only)
-    adapt: str | None = None  # baseline: lora | full | probe (None: as published)
     epochs: int = 5
     batch_size: int = 32  # frames per optimiser step, all processes together
     augment_copies: int = 2  # augmented copies of every training frame per epoch (the paper's offline x2)
@@ -80,15 +72,8 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(self).items()}
 
-    @property
-    def spec(self):
-        return SPECS[canonical_mode(self.mode)]
-
     def validate(self) -> None:
-        if canonical_mode(self.mode) not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
-        if self.config not in ("full", "small"):
-            raise ValueError(f"config must be full or small, got {self.config!r}")
+        super().validate()
         if self.sampler not in ("uniform", "balanced"):
             raise ValueError(f"sampler must be uniform or balanced, got {self.sampler!r}")
         if self.schedule not in ("constant", "cosine"):
@@ -108,8 +93,6 @@ class TrainConfig:
             raise ValueError("hard negatives go with the uniform sampler (the balanced one draws by class only)")
         if self.hard_negatives and self.augment and self.augment_copies:
             raise ValueError("hard negatives score the frames of one pass: use augment_copies 0 with them")
-        if canonical_mode(self.mode) == "baseline" and not self.backbone:
-            raise ValueError("mode baseline needs a backbone (--backbone)")
 
 
 # ------------------------------------------------------------------------------------------ options
@@ -171,7 +154,7 @@ def train_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--prepared", type=Path, required=True, help="output of python -m training prepare")
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--mode", default="fixed", choices=list(MODES) + ["cls"], help="cls: the former name of probe")
+    p.add_argument("--mode", default="fixed", type=mode_argument, choices=MODES, help=FORMER_NAMES)
     p.add_argument("--backbone",
                    help="mode baseline: a name of training.models.baselines.BASELINES, timm, or open_clip:ARCH[@TAG]")
     add_recipe_arguments(p)
@@ -224,7 +207,7 @@ def recipe_from_args(args: argparse.Namespace) -> dict[str, Any]:
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(
-        prepared=args.prepared, out=args.out, mode=canonical_mode(args.mode), backbone=args.backbone,
+        prepared=args.prepared, out=args.out, mode=args.mode, backbone=args.backbone,
         init=args.init, **recipe_from_args(args),
         weight_decay=args.weight_decay, schedule=args.schedule,
         clip_grad=args.clip_grad, channels_last=not args.no_channels_last,

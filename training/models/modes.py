@@ -20,18 +20,25 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+import torch
 from torch import nn
 
 from algorithm.config import ModelConfig
+from algorithm.model.fetalclipseg import build_model, effective_parameters, trainable_parameters
+from training.models.baselines import build_baseline
+
+log = logging.getLogger("training")
 
 MODES = ("fixed", "paper", "paper-cls", "probe", "baseline")
 FETALCLIP_MODES = ("fixed", "paper", "paper-cls", "probe")
-LEGACY_MODES = {"cls": "probe"}  # the linear probe's former name
+LEGACY_MODES = {"cls": "probe"}  # former names, still accepted wherever a mode is named
 
 PAPER_LORA_TARGETS = ("c_fc", "c_proj", "out_proj")
 FIXED_LORA_TARGETS = ("c_fc", "c_proj", "attn")
@@ -74,26 +81,77 @@ SPECS: dict[str, ModeSpec] = {
 
 
 def canonical_mode(mode: str) -> str:
+    """A mode's current name (a former one is mapped; anything else is returned as given)."""
     return LEGACY_MODES.get(mode, mode)
 
 
-def model_config_for(mode: str, config: str = "full", train_encoder: bool = False, lora_rank: int = 8,
-                     lora_alpha: int | None = None, decoder: str | None = None) -> ModelConfig:
+def mode_argument(name: str) -> str:
+    """argparse type of a mode option: a former name is read as the current one, with a warning."""
+    current = canonical_mode(name)
+    if current != name:
+        log.warning("mode %s is now called %s", name, current)
+    return current
+
+
+FORMER_NAMES = "; ".join(f"{old}: the former name of {new}" for old, new in LEGACY_MODES.items())
+
+
+@dataclass
+class ModelOptions:
+    """Which network a run trains and how it starts: the mode and the choices that shape its model.
+
+    `training.params.TrainConfig` extends it, so a run's whole configuration is what `build_training_model`
+    takes. The mode is stored under its current name.
+    """
+
+    mode: str = "fixed"  # MODES
+    config: str = "full"  # full | small (ModelConfig / ModelConfig.small())
+    fetalclip: Path | None = None  # published FetalCLIP weights (whole-CLIP checkpoint); None: random encoder
+    train_encoder: bool = False  # fixed only: all encoder weights trainable, no LoRA
+    decoder: str | None = None  # fixed only: unetr | separable (None: FIXED_DECODER)
+    lora_rank: int = 8
+    lora_alpha: int | None = None  # None: 2 x rank (16 at rank 8, the paper's)
+    backbone: str | None = None  # baseline: a name of training.models.baselines.BASELINES, timm, or open_clip:ARCH[@TAG]
+    pretrained: str | None = None  # baseline weights: a local file, "hub", or None (random: tests only)
+    adapt: str | None = None  # baseline: lora | full | probe (None: as published)
+
+    def __post_init__(self) -> None:
+        self.mode = canonical_mode(self.mode)
+
+    @property
+    def spec(self) -> ModeSpec:
+        return SPECS[self.mode]
+
+    @property
+    def alpha(self) -> int:
+        """The LoRA alpha the model gets: `lora_alpha`, or 2 x rank."""
+        return 2 * self.lora_rank if self.lora_alpha is None else self.lora_alpha
+
+    def validate(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.config not in ("full", "small"):
+            raise ValueError(f"config must be full or small, got {self.config!r}")
+        if self.mode == "baseline" and not self.backbone:
+            raise ValueError("mode baseline needs a backbone (--backbone: a name of training.models.baselines."
+                             "BASELINES or timm)")
+
+
+def model_config_for(options: ModelOptions) -> ModelConfig:
     """The ModelConfig a FetalCLIP mode builds (stored in its checkpoints).
 
     `train_encoder` (every encoder weight trainable, no LoRA: for a randomly initialised small encoder)
-    applies to `fixed` only; `decoder` overrides the decoder of `fixed`. `lora_alpha` None: 2 x rank
-    (the paper's 16 at rank 8).
+    applies to `fixed` only; `decoder` overrides the decoder of `fixed`.
     """
-    mode = canonical_mode(mode)
-    base = ModelConfig.small() if config == "small" else ModelConfig()
-    lora = dict(lora_rank=lora_rank, lora_alpha=2 * lora_rank if lora_alpha is None else lora_alpha)
+    mode = options.mode
+    base = ModelConfig.small() if options.config == "small" else ModelConfig()
+    lora = dict(lora_rank=options.lora_rank, lora_alpha=options.alpha)
     if mode == "fixed":
-        return dataclasses.replace(base, **lora, use_lora=not train_encoder, lora_targets=FIXED_LORA_TARGETS,
-                                   encoder_no_grad=False, decoder=decoder or FIXED_DECODER)
-    if train_encoder:
+        return dataclasses.replace(base, **lora, use_lora=not options.train_encoder, lora_targets=FIXED_LORA_TARGETS,
+                                   encoder_no_grad=False, decoder=options.decoder or FIXED_DECODER)
+    if options.train_encoder:
         raise ValueError(f"--train-encoder applies to mode fixed, not {mode} (which reproduces a published set-up)")
-    if decoder is not None:
+    if options.decoder is not None:
         raise ValueError(f"--decoder applies to mode fixed; {mode} has its published architecture")
     if mode == "paper":
         return dataclasses.replace(base, **lora, use_lora=True, lora_targets=PAPER_LORA_TARGETS,
@@ -121,46 +179,30 @@ def configure_trainable(model: nn.Module, mode: str, train_encoder: bool = False
         p.requires_grad = True
 
 
-def build_training_model(mode: str, config: str = "full", fetalclip: Path | None = None,
-                         train_encoder: bool = False, lora_rank: int = 8, lora_alpha: int | None = None,
-                         decoder: str | None = None, backbone: str | None = None,
-                         pretrained: str | Path | None = None, adapt: str | None = None) -> nn.Module:
-    """The network of `mode`, with requires_grad set as that mode trains it."""
-    mode = canonical_mode(mode)
-    if mode == "baseline":
-        from training.models.baselines import build_baseline
-
-        if not backbone:
-            raise ValueError("mode baseline needs --backbone (a name of training.models.baselines.BASELINES or timm)")
-        return build_baseline(backbone, pretrained, adapt, lora_rank,
-                              2 * lora_rank if lora_alpha is None else lora_alpha)
-    from algorithm.model.fetalclipseg import build_model
-
-    model = build_model(model_config_for(mode, config, train_encoder, lora_rank, lora_alpha, decoder), fetalclip)
-    configure_trainable(model, mode, train_encoder)
+def build_training_model(options: ModelOptions) -> nn.Module:
+    """The network of `options.mode` (a `TrainConfig` is one), with requires_grad set as that mode trains it."""
+    options.validate()
+    if options.mode == "baseline":
+        return build_baseline(options.backbone, options.pretrained, options.adapt, options.lora_rank, options.alpha)
+    model = build_model(model_config_for(options), options.fetalclip)
+    configure_trainable(model, options.mode, options.train_encoder)
     return model
 
 
 def parameter_counts(model: nn.Module, mode: str, config: str = "full") -> dict[str, Any]:
     """{"trainable", "effective", "paper"}: flagged trainable, able to change, and the paper's figure (full
     size only: the paper's models are full size)."""
-    from algorithm.model.fetalclipseg import effective_parameters, trainable_parameters
-
     return {"trainable": trainable_parameters(model), "effective": effective_parameters(model),
-            "paper": SPECS[canonical_mode(mode)].paper_parameters if config == "full" else None}
+            "paper": SPECS[mode].paper_parameters if config == "full" else None}
 
 
 def count_parameters(config: str = "full", modes: tuple[str, ...] = FETALCLIP_MODES, lora_rank: int = 8,
                      lora_alpha: int | None = None) -> dict[str, dict[str, Any]]:
     """Per mode, its parameter counts (built with random weights, one model at a time)."""
-    import gc
-
-    import torch
-
     counts = {}
     for mode in modes:
         torch.manual_seed(0)
-        model = build_training_model(mode, config, lora_rank=lora_rank, lora_alpha=lora_alpha)
+        model = build_training_model(ModelOptions(mode, config, lora_rank=lora_rank, lora_alpha=lora_alpha))
         counts[mode] = parameter_counts(model, mode, config)
         del model
         gc.collect()
@@ -177,7 +219,7 @@ def parameters_table(counts: dict[str, dict[str, Any]]) -> str:
     """Markdown: per mode, trainable / effective beside the paper's figure."""
     lines = ["| mode | reproduces | trainable | can change | paper |", "|---|---|---|---|---|"]
     for mode, c in counts.items():
-        spec = SPECS[canonical_mode(mode)]
+        spec = SPECS[mode]
         lines.append(f"| {mode} | {spec.reproduces} | {format_parameters(c['trainable'])} "
                      f"| {format_parameters(c['effective'])} | {format_parameters(c['paper'])} |")
     return "\n".join(lines) + "\n"

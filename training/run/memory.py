@@ -38,7 +38,7 @@ from torch import nn
 
 from algorithm.runtime import choose_precision
 from training.models.losses import SegLoss, class_weights
-from training.models.modes import MODES, SPECS, build_training_model, canonical_mode
+from training.models.modes import MODES, ModelOptions, build_training_model, mode_argument
 from training.run.step import TrainView, make_step
 
 log = logging.getLogger("training")
@@ -284,16 +284,16 @@ def measure_step_peak(model: nn.Module, step: Callable[[int], torch.Tensor], mic
 
 def run_memory_command(args: argparse.Namespace) -> int:
     """Build a mode (random weights), measure its step and plan it for a budget."""
-    mode = canonical_mode(args.mode)
     device = torch.device(args.device)
     # fp16 on the CPU (planning for a GPU without native bf16 from a machine without one): autocast to bf16
     # instead, which keeps the same two bytes per activation
     precision = "bf16" if device.type == "cpu" and args.precision == "fp16" else choose_precision(args.precision, device)
     torch.manual_seed(0)
-    model = build_training_model(mode, args.config, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
-                                 decoder=args.decoder, backbone=args.backbone, pretrained=None).to(device)
+    options = ModelOptions(args.mode, args.config, decoder=args.decoder, lora_rank=args.lora_rank,
+                           lora_alpha=args.lora_alpha, backbone=args.backbone)
+    model = build_training_model(options).to(device)
     model.to(memory_format=torch.channels_last)
-    spec = SPECS[mode]
+    spec = options.spec
     loss = SegLoss(class_weights([8, 1, 1]), use_mask=spec.segments, mask_loss=spec.mask_loss or "dice").to(device)
     yy, xx = torch.meshgrid(torch.arange(224), torch.arange(224), indexing="ij")
     sample = (torch.randn(3, 224, 224), (((yy - 112) / 60.0) ** 2 + ((xx - 112) / 45.0) ** 2 < 1).long(),
@@ -310,7 +310,7 @@ def run_memory_command(args: argparse.Namespace) -> int:
     estimate = measure_step(view, loss, sample, device, precision)
     budget = device_budget(device, args.budget_gib)
     plan = plan_memory(estimate, args.batch_size, budget, args.grad_checkpointing, args.accumulate)
-    result = {"config": args.config, "mode": mode, "batch_size": args.batch_size, "precision": args.precision,
+    result = {"config": args.config, "mode": options.mode, "batch_size": args.batch_size, "precision": args.precision,
               "measured_with": f"{precision} autocast on {device}", "estimate": estimate.__dict__,
               "plan": plan.to_dict(),
               "steps_gib": {f"micro {m}, checkpointing {c}": round(estimate.step(m, c) / GiB, 2)
@@ -333,7 +333,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """`python -m training memory`: measure a mode's training step and print the set-up that fits a budget."""
     mem = argparse.ArgumentParser(prog="python -m training memory", description=__doc__.splitlines()[0])
     mem.add_argument("--config", default="full", choices=["full", "small"])
-    mem.add_argument("--mode", default="fixed", choices=list(MODES))
+    mem.add_argument("--mode", default="fixed", type=mode_argument, choices=MODES)
     mem.add_argument("--backbone")
     mem.add_argument("--decoder", choices=["unetr", "separable"])
     mem.add_argument("--lora-rank", type=int, default=8)

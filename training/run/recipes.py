@@ -127,7 +127,6 @@ def challenge_table(rows: dict[str, dict[str, Any]]) -> str:
 
 def reproduce_runs(args: argparse.Namespace, prepared: Path) -> list[tuple[str, Any]]:
     """(report name, TrainConfig) of every mode and baseline `reproduce` trains, in order."""
-    from training.models.modes import canonical_mode
     from training.params import TrainConfig, recipe_from_args
 
     recipe = recipe_from_args(args)
@@ -135,7 +134,7 @@ def reproduce_runs(args: argparse.Namespace, prepared: Path) -> list[tuple[str, 
     # the other modes reproduce published set-ups whatever the encoder's start.
     train_encoder = args.train_encoder or (args.config == "small" and args.fetalclip is None)
     runs = []
-    for mode in dict.fromkeys(canonical_mode(m) for m in args.modes):
+    for mode in dict.fromkeys(args.modes):
         changes = dict(train_encoder=train_encoder and mode == "fixed",
                        decoder=args.decoder if mode == "fixed" else None)
         runs.append((mode, TrainConfig(prepared=prepared, out=args.out / mode, mode=mode,
@@ -366,7 +365,7 @@ def demo_weights(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------------ commands
 
 def reproduce_parser() -> argparse.ArgumentParser:
-    from training.models.modes import FETALCLIP_MODES
+    from training.models.modes import FETALCLIP_MODES, FORMER_NAMES, mode_argument
     from training.params import add_recipe_arguments
 
     rep = argparse.ArgumentParser(prog="python -m training reproduce",
@@ -375,7 +374,8 @@ def reproduce_parser() -> argparse.ArgumentParser:
     rep.add_argument("--data", type=Path, required=True, help="release-layout folder (real or replica)")
     rep.add_argument("--out", type=Path, required=True)
     rep.add_argument("--prepared", type=Path, help="reuse / write prepared data here (default OUT/prepared)")
-    rep.add_argument("--modes", nargs="+", default=list(FETALCLIP_MODES), choices=list(FETALCLIP_MODES) + ["cls"])
+    rep.add_argument("--modes", nargs="+", default=list(FETALCLIP_MODES), type=mode_argument,
+                     choices=FETALCLIP_MODES, help=FORMER_NAMES)
     rep.add_argument("--baselines", nargs="+", metavar="NAME",
                      help="also train these baselines (training.models.baselines: densenet, swin, clip_openai, ... or "
                           "a timm name); weights from --pretrained hub, or NAME.safetensors / NAME.pth in "

@@ -60,7 +60,7 @@ from training.models.losses import LossWeights, SegLoss, class_weights
 from training.run.memory import MemoryPlan, device_budget, measure_step, plan_memory
 from training.run.step import TrainView
 from training.data.mining import Hardness, mining_pool, score_negatives
-from training.models.modes import build_training_model, canonical_mode
+from training.models.modes import build_training_model
 from training.params import TrainConfig, config_from_args, train_parser
 from training.scoring.report_plots import plot_history
 from training.data.sampling import EpochSampler, MixedBatches, validation_subset
@@ -172,8 +172,7 @@ class Trainer:
         if cfg.fetalclip is None and not cfg.train_encoder and self.spec.name != "baseline" and self.ctx.main:
             log.warning("no --fetalclip weights: the encoder is random and frozen (only LoRA/decoder/head "
                         "learn); use --train-encoder for a from-scratch encoder")
-        self.model = build_training_model(cfg.mode, cfg.config, cfg.fetalclip, cfg.train_encoder, cfg.lora_rank,
-                                          cfg.lora_alpha, cfg.decoder, cfg.backbone, cfg.pretrained, cfg.adapt)
+        self.model = build_training_model(cfg)
         self.model_config = self.model.config
         if cfg.init is not None:
             load_weights(self.model, Path(cfg.init))
@@ -234,7 +233,7 @@ class Trainer:
         self.state = TrialState()
         self.frames: dict[str, dict[str, np.ndarray]] = {}  # split -> every frame's record (evaluate)
         self.info = {
-            "mode": canonical_mode(cfg.mode),
+            "mode": cfg.mode,
             "model": getattr(self.model_config, "name", ""),
             "trainable_parameters": trainable_parameters(self.model),
             "effective_trainable_parameters": effective_parameters(self.model),
@@ -677,8 +676,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging()
     parser = train_parser()
     args = parser.parse_args(argv)
-    if args.mode == "cls":
-        log.warning("--mode cls is now called probe")
     cfg = config_from_args(args)
     try:
         cfg.validate()

@@ -37,7 +37,7 @@ from algorithm.runtime import autocast
 from training.data.dataset import FrameDataset
 from training.models.losses import DiceSums, LossWeights, dice_sums, frame_loss
 from training.scoring.metrics import frame_level_metrics
-from training.models.modes import SPECS
+from training.models.modes import SPECS, canonical_mode
 
 # The paper's frame-level figures (He, Wang, Yaqub 2025, arXiv 2507.22802), for side-by-side tables.
 PAPER_FRAME_TABLE: dict[str, dict[str, float | None]] = {
@@ -265,7 +265,8 @@ def evaluate_weights(weights: Path, prepared: Path, split: str = "test", device:
     extra = info.extra or {}
     trainable = int(extra.get("trainable_parameters", trainable_parameters(model)))
     effective = extra.get("effective_trainable_parameters", effective_parameters(model))
-    use_mask = model.decoder is not None and extra.get("mode") != "cls"  # "cls": the probe's former name
+    mode = canonical_mode(str(extra.get("mode", "")))  # as recorded at training: a former name in older weights
+    use_mask = model.decoder is not None and (mode not in SPECS or SPECS[mode].segments)
     report = frame_report(stats, trainable, effective, use_mask=use_mask)
     report.update(weights=str(weights), split=split, provenance=info.provenance)
     return report
