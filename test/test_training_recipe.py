@@ -21,11 +21,12 @@ import pytest
 import torch
 
 from algorithm.config import FRAME_NONE
-from training.run.memory import GiB, MemoryEstimate, measure_step, plan_memory
-from training.models.modes import SPECS, ModelOptions, build_training_model, count_parameters
 from training.data.prepare import prepare, prepare_key, prepared_matches
+from training.models.build import build_training_model, count_parameters
+from training.models.modes import SPECS, ModelOptions
 from training.models.snapshot import SnapshotError, read_snapshot
-from training.run.train import Trainer, TrainConfig, load_weights, train, training_precision
+from training.run.memory import GiB, MemoryEstimate, measure_step, plan_memory
+from training.run.train import TrainConfig, Trainer, load_weights, train, training_precision
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -22,7 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "reproduce": ("training.run.recipes:reproduce_main", "prepare -> train every mode -> tables -> challenge score"),
     "demo-weights": ("training.run.recipes:demo_weights_main", "train the bundled small replica weights on the CPU"),
     "compare": ("training.scoring.compare:main", "several reproduce runs side by side, paired per test case"),
-    "params": ("training.models.modes:params_main", "trainable parameters of every mode beside the paper's"),
+    "params": ("training.models.build:params_main", "trainable parameters of every mode beside the paper's"),
     "memory": ("training.run.memory:main", "measure a training step; the set-up that fits a memory budget"),
     "benchmark": ("training.benchmark.__main__:main", "run a test set (local, docker, grand-challenge), score it"),
     "speed": ("training.speed.bench:main", "case-level speed of the pipeline against the paper-style reference"),

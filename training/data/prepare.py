@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import json
 import sys
 import time
@@ -133,8 +134,6 @@ def prepare_key(data: Path, seed: int = 0, all_sweeps: bool = False,
     """Everything the prepared arrays depend on: the parameters and a fingerprint of the input files (name,
     size and modification time of every image, mask and the circumference CSV). Equal keys mean equal
     content, so a cache can be reused; any change makes `prepare` run again."""
-    import hashlib
-
     data = Path(data).resolve()
     digest = hashlib.sha256()
     files = [layout.image_path(data, u) for u in layout.list_case_ids(data)]

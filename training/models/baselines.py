@@ -20,8 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import open_clip
+import timm
 import torch
 import torch.nn.functional as F
+from peft import LoraConfig, inject_adapter_in_model
 from torch import nn
 
 from algorithm.config import CLIP_MEAN, CLIP_STD
@@ -97,8 +100,6 @@ def _split_open_clip(backbone: str) -> tuple[str, str | None]:
 def _build_backbone(backbone: str, pretrained: str | Path | None) -> tuple[nn.Module, dict[str, Any], int]:
     """(module returning pooled features, its preprocessing {mean, std, size, crop_pct, interpolation}, dim)."""
     if backbone.startswith("open_clip:"):
-        import open_clip
-
         arch, tag = _split_open_clip(backbone)
         weights = None if pretrained is None else (tag if str(pretrained) == "hub" else str(pretrained))
         if str(pretrained) == "hub" and tag is None:
@@ -110,7 +111,6 @@ def _build_backbone(backbone: str, pretrained: str | Path | None) -> tuple[nn.Mo
         std = getattr(visual, "image_std", None) or CLIP_STD
         return visual, {"mean": tuple(mean), "std": tuple(std), "size": int(size), "crop_pct": 1.0,
                         "interpolation": "bicubic"}, int(visual.output_dim)
-    import timm
 
     if pretrained is None:
         model = timm.create_model(backbone, pretrained=False, num_classes=0)
@@ -155,8 +155,6 @@ class BaselineClassifier(nn.Module):
         for p in self.encoder.parameters():
             p.requires_grad = config.adapt == "full"
         if config.adapt == "lora":
-            from peft import LoraConfig, inject_adapter_in_model
-
             lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                               target_modules=list(_lora_targets(config.backbone, self.encoder)), bias="none")
             inject_adapter_in_model(lora, self.encoder)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import logging
 from dataclasses import asdict, dataclass
@@ -38,7 +39,8 @@ from torch import nn
 
 from algorithm.runtime import choose_precision
 from training.models.losses import SegLoss, class_weights
-from training.models.modes import MODES, ModelOptions, build_training_model, mode_argument
+from training.models.build import build_training_model
+from training.models.modes import MODES, ModelOptions, mode_argument
 from training.run.step import TrainView, make_step
 
 log = logging.getLogger("training")
@@ -261,8 +263,6 @@ def measure_step_peak(model: nn.Module, step: Callable[[int], torch.Tensor], mic
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)
     else:
-        import gc
-
         gc.collect()
         with open("/proc/self/clear_refs", "w") as fh:
             fh.write("5")  # resets VmHWM to the current resident size

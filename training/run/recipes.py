@@ -43,7 +43,25 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from tqdm import tqdm
+
+from algorithm.contract import INPUT_FOLDER, read_stack
+from algorithm.model.checkpoint import load_checkpoint, save_checkpoint
+from algorithm.run import load, process_case
+from algorithm.runtime import choose_precision, resolve_device
 from training.data import layout
+from training.data.dataset import read_manifest
+from training.data.prepare import describe, prepare, prepare_key, prepared_matches
+from training.data.replica import write_dataset
+from training.models.modes import FETALCLIP_MODES, FORMER_NAMES, mode_argument, parameters_table
+from training.models.snapshot import SnapshotError
+from training.params import (TrainConfig, add_recipe_arguments, add_sampling_arguments, add_schedule_arguments,
+                             recipe_from_args, sampling_from_args, schedule_from_args)
+from training.run.distributed import setup_distributed, shutdown
+from training.run.train import CHECKPOINT_NAME, configure_logging, result_rows, summarise, train
+from training.scoring.evaluate import evaluate
+from training.scoring.evaluate_frames import markdown_table
+from training.scoring.threshold_sweep import markdown as sweep_markdown, run as run_sweep
 
 log = logging.getLogger("training")
 
@@ -61,11 +79,6 @@ def predict_cases(weights: Path, data: Path, uuids: Sequence[str], out: Path, de
                   overrides: dict[str, Any] | None = None, progress: bool = True) -> dict[str, Any]:
     """The algorithm on whole cases of a release-layout folder, in process (one model load), written in the
     grand-challenge output layout: out/<uuid>/{contract.OUTPUT_MASK, contract.OUTPUT_FRAME}."""
-    from tqdm import tqdm
-
-    from algorithm.contract import read_stack
-    from algorithm.run import load, process_case
-
     predictor, checkpoint = load(weights, {"device": device, **(overrides or {})})
     timings = {}
     for uuid in tqdm(uuids, desc="test cases", unit="case", disable=not progress):
@@ -102,8 +115,6 @@ def ground_truth_view(data: Path, uuids: Sequence[str], folder: Path) -> Path:
 def challenge_score(weights: Path, data: Path, uuids: Sequence[str], out: Path, device: str = "auto",
                     overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """Predict whole cases and score them with training.scoring.evaluate; returns its report (+ timings)."""
-    from training.scoring.evaluate import evaluate
-
     predictions = out / "predictions"
     run = predict_cases(weights, data, uuids, predictions, device, overrides)
     report = evaluate(predictions, ground_truth_view(data, uuids, out / "ground_truth"))
@@ -127,8 +138,6 @@ def challenge_table(rows: dict[str, dict[str, Any]]) -> str:
 
 def reproduce_runs(args: argparse.Namespace, prepared: Path) -> list[tuple[str, Any]]:
     """(report name, TrainConfig) of every mode and baseline `reproduce` trains, in order."""
-    from training.params import TrainConfig, recipe_from_args
-
     recipe = recipe_from_args(args)
     # --train-encoder (default for the small config without FetalCLIP weights) replaces LoRA in our mode only:
     # the other modes reproduce published set-ups whatever the encoder's start.
@@ -156,9 +165,6 @@ def reproduce_runs(args: argparse.Namespace, prepared: Path) -> list[tuple[str, 
 
 def prepare_once(args: argparse.Namespace, prepared: Path, ctx) -> dict:
     """Rank 0 prepares (or reuses a preparation made with the same key); the other ranks wait."""
-    from training.data.dataset import read_manifest
-    from training.data.prepare import prepare, prepare_key, prepared_matches
-
     if ctx.main:
         key = prepare_key(args.data, args.seed, args.all_sweeps, replica=args.replica)
         if prepared_matches(prepared, key):
@@ -172,13 +178,6 @@ def prepare_once(args: argparse.Namespace, prepared: Path, ctx) -> dict:
 
 
 def reproduce(args: argparse.Namespace) -> int:
-    from training.run.distributed import setup_distributed
-    from training.scoring.evaluate_frames import markdown_table
-    from training.models.modes import parameters_table
-    from training.data.prepare import describe
-    from training.scoring.threshold_sweep import markdown as sweep_markdown, run as run_sweep
-    from training.run.train import result_rows, summarise, train
-
     ctx = setup_distributed(args.device)
     out: Path = args.out
     if ctx.main:
@@ -255,8 +254,6 @@ def reproduce(args: argparse.Namespace) -> int:
 def cli_case_folder(data: Path, uuid: str, folder: Path) -> Path:
     """A grand-challenge /input folder for one release case (made once): a hard link to the release's image, or a
     copy across file systems; the algorithm reads nothing linked from outside its input folder."""
-    from algorithm.contract import INPUT_FOLDER
-
     if not (folder / INPUT_FOLDER / f"{uuid}.mha").exists():
         layout.stage_case(layout.image_path(data, uuid), folder, how="link")
     return folder
@@ -266,9 +263,6 @@ def check_weights(weights: Path, work: Path, cases: int = 4, seed: int = CHECK_S
                   frames_per_sweep: int = 140, device: str = "cpu", threads: int | None = None) -> dict[str, Any]:
     """The acceptance check: replica cases (seed 424242), `python -m algorithm` on each through its CLI,
     then `python -m training evaluate`. Returns the evaluation report."""
-    from training.scoring.evaluate import evaluate
-    from training.data.replica import write_dataset
-
     data = work / f"check_{seed}"
     if not (data / layout.CIRCUMFERENCES_CSV).is_file():
         write_dataset(data, cases, frames_per_sweep, seed)
@@ -289,13 +283,6 @@ def check_weights(weights: Path, work: Path, cases: int = 4, seed: int = CHECK_S
 
 
 def demo_weights(args: argparse.Namespace) -> int:
-    from algorithm.model.checkpoint import load_checkpoint, save_checkpoint
-    from algorithm.runtime import choose_precision
-    from training.data.replica import write_dataset
-    from training.data.prepare import describe, prepare
-    from training.params import TrainConfig, sampling_from_args, schedule_from_args
-    from training.run.train import CHECKPOINT_NAME, train
-
     if args.seed == CHECK_SEED:
         raise SystemExit(f"--seed {CHECK_SEED} makes the acceptance cases; train on another seed")
     work: Path = args.work
@@ -365,9 +352,6 @@ def demo_weights(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------------ commands
 
 def reproduce_parser() -> argparse.ArgumentParser:
-    from training.models.modes import FETALCLIP_MODES, FORMER_NAMES, mode_argument
-    from training.params import add_recipe_arguments
-
     rep = argparse.ArgumentParser(prog="python -m training reproduce",
                                   description="prepare -> train every mode -> frame table, threshold sweep -> "
                                               "challenge score -> report")
@@ -393,8 +377,6 @@ def reproduce_parser() -> argparse.ArgumentParser:
 
 def demo_weights_parser() -> argparse.ArgumentParser:
     """The shared schedule and sampling options with the demo recipe's defaults, plus its own."""
-    from training.params import add_sampling_arguments, add_schedule_arguments
-
     demo = argparse.ArgumentParser(prog="python -m training demo-weights",
                                    description="train the bundled small replica weights on the CPU")
     demo.add_argument("--out", type=Path, default=DEMO_WEIGHTS)
@@ -420,9 +402,6 @@ def demo_weights_parser() -> argparse.ArgumentParser:
 
 def _run(command, args: argparse.Namespace) -> int:
     """A recipe with its exit codes: a snapshot that cannot be resumed is exit 2; processes shut down."""
-    from training.run.distributed import shutdown
-    from training.models.snapshot import SnapshotError
-
     try:
         return command(args)
     except SnapshotError as exc:
@@ -434,9 +413,6 @@ def _run(command, args: argparse.Namespace) -> int:
 
 def reproduce_main(argv: Sequence[str] | None = None) -> int:
     """`python -m training reproduce` (also under torchrun)."""
-    from algorithm.runtime import choose_precision, resolve_device
-    from training.run.train import configure_logging
-
     configure_logging()
     parser = reproduce_parser()
     args = parser.parse_args(argv)
@@ -449,8 +425,6 @@ def reproduce_main(argv: Sequence[str] | None = None) -> int:
 
 def demo_weights_main(argv: Sequence[str] | None = None) -> int:
     """`python -m training demo-weights`."""
-    from training.run.train import configure_logging
-
     configure_logging()
     argv = list(sys.argv[1:] if argv is None else argv)
     args = demo_weights_parser().parse_args(argv)

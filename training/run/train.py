@@ -41,6 +41,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 import torch.distributed as dist
+from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
@@ -48,24 +49,24 @@ from tqdm import tqdm
 
 from algorithm import __version__
 from algorithm.model.checkpoint import save_checkpoint
-from algorithm.model.fetalclipseg import effective_parameters, inert_parameter_names, total_parameters, \
-    trainable_parameters
-from algorithm.runtime import autocast, choose_precision, needs_grad_scaling
+from algorithm.model.fetalclipseg import (effective_parameters, inert_parameter_names, total_parameters,
+                                          trainable_parameters)
+from algorithm.runtime import autocast, choose_precision, needs_grad_scaling, resolve_device
 from training.data.augment import build_augment
 from training.data.dataset import FrameDataset, read_manifest
-from training.run.distributed import DistContext, gather_to_main, reduce_device, setup_distributed, shutdown
-from training.scoring.evaluate_frames import (METRIC_COLUMNS, FrameStats, accumulate, frame_loader, frame_report,
-                                      markdown_table, merge_frames, save_frames, table_rows)
+from training.data.mining import Hardness, mining_pool, score_negatives
+from training.data.sampling import EpochSampler, MixedBatches, validation_subset
 from training.models.losses import LossWeights, SegLoss, class_weights
+from training.models.build import build_training_model
+from training.models.snapshot import (SnapshotError, load_trainable_state, read_snapshot, rng_state, save_snapshot,
+                                      set_rng_state, trainable_state)
+from training.params import TrainConfig, config_from_args, train_parser
+from training.run.distributed import DistContext, gather_to_main, reduce_device, setup_distributed, shutdown
 from training.run.memory import MemoryPlan, device_budget, measure_step, plan_memory
 from training.run.step import TrainView
-from training.data.mining import Hardness, mining_pool, score_negatives
-from training.models.modes import build_training_model
-from training.params import TrainConfig, config_from_args, train_parser
+from training.scoring.evaluate_frames import (METRIC_COLUMNS, FrameStats, accumulate, frame_loader, frame_report,
+                                              markdown_table, merge_frames, save_frames, table_rows)
 from training.scoring.report_plots import plot_history
-from training.data.sampling import EpochSampler, MixedBatches, validation_subset
-from training.models.snapshot import (SnapshotError, load_trainable_state, read_snapshot, rng_state, save_snapshot,
-                               set_rng_state, trainable_state)
 
 log = logging.getLogger("training")
 
@@ -117,8 +118,6 @@ def load_weights(model: nn.Module, path: Path) -> None:
     so continue LoRA runs from their best.pt instead."""
     path = Path(path)
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         try:
             state = load_file(str(path), device="cpu")
         except Exception as exc:
@@ -157,7 +156,7 @@ class Trainer:
         cfg.validate()
         self.cfg, self.trial = cfg, trial
         self.spec = cfg.spec
-        self.ctx = ctx or DistContext(device=_resolve(cfg.device))
+        self.ctx = ctx or DistContext(device=resolve_device(cfg.device))
         self.seed = cfg.seed + trial
         self.out = Path(out) if out is not None else Path(cfg.out) / f"trial_{trial}"
         self.manifest = read_manifest(cfg.prepared)
@@ -540,8 +539,6 @@ class Trainer:
         if test_report is not None:
             extra["test_frame_metrics"] = test_report
         if self.spec.name == "baseline":
-            from safetensors.torch import save_file
-
             metadata = {"format": BASELINE_FORMAT, "config": json.dumps(self.model_config.to_dict()),
                         "provenance": self.provenance(), "extra": json.dumps(extra, default=str)}
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -551,12 +548,6 @@ class Trainer:
         model.merge_lora()  # irreversible: the trainer is done with this model
         extra["lora_merged"] = True
         return save_checkpoint(path, model, model.config, self.provenance(), extra=extra)
-
-
-def _resolve(device: str) -> torch.device:
-    from algorithm.inference import resolve_device
-
-    return resolve_device(device)
 
 
 def _f(value: float | None) -> str:
@@ -679,7 +670,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = config_from_args(args)
     try:
         cfg.validate()
-        choose_precision(cfg.precision, _resolve(cfg.device))
+        choose_precision(cfg.precision, resolve_device(cfg.device))
     except ValueError as exc:
         parser.error(str(exc))
     try:

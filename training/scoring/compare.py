@@ -21,6 +21,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from training.models.modes import format_parameters
+from training.scoring.report_plots import plt, save_figure
 
 TIE = 1e-9
 
@@ -122,8 +123,6 @@ def markdown(rows: Sequence[dict[str, Any]], pairs: dict[str, Any]) -> str:
 
 
 def plot(pairs: dict[str, Any], path: Path, title: str = "") -> Path:
-    from training.scoring.report_plots import plt, save_figure  # the Agg backend, set there
-
     names, cases = list(pairs["scores"]), pairs["cases"]
     order = np.argsort([-np.mean([pairs["scores"][n][i] for n in names]) for i in range(len(cases))], kind="stable")
     fig, ax = plt.subplots(figsize=(max(6.0, 0.55 * len(cases) + 3) + 2.5, 4.5))

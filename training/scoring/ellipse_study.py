@@ -29,6 +29,8 @@ from scipy.special import ellipe
 
 from algorithm.biometry import EDGE_TOLERANCE_PX, Ellipse, fit_ellipse
 from algorithm.config import PIXEL_SPACING_MM
+from training.data.replica import sector_fov
+from training.scoring.evaluate import read_fov_mask
 from training.scoring.official import official_fit_ellipse
 
 AC_RANGE_MM = (141.0, 351.0)  # the public training set's reference ACs
@@ -285,10 +287,7 @@ def example_rows(records: Sequence[dict], chosen: str) -> list[tuple[int, str]]:
 
 def read_fov(path: Path | None) -> tuple[np.ndarray, str]:
     if path is None:
-        from training.data.replica import sector_fov
-
         return sector_fov(), "the replica's sector"
-    from training.scoring.evaluate import read_fov_mask
 
     return read_fov_mask(path), str(path)
 

@@ -33,11 +33,13 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from algorithm.config import FRAME_NONE, InferenceConfig
-from algorithm.runtime import autocast
+from algorithm.model.checkpoint import load_checkpoint
+from algorithm.model.fetalclipseg import effective_parameters, trainable_parameters
+from algorithm.runtime import autocast, choose_precision, resolve_device
 from training.data.dataset import FrameDataset
 from training.models.losses import DiceSums, LossWeights, dice_sums, frame_loss
-from training.scoring.metrics import frame_level_metrics
 from training.models.modes import SPECS, canonical_mode
+from training.scoring.metrics import frame_level_metrics
 
 # The paper's frame-level figures (He, Wang, Yaqub 2025, arXiv 2507.22802), for side-by-side tables.
 PAPER_FRAME_TABLE: dict[str, dict[str, float | None]] = {
@@ -246,11 +248,6 @@ def evaluate_weights(weights: Path, prepared: Path, split: str = "test", device:
                      batch_size: int = 32, workers: int = 0, precision: str = "auto",
                      progress: bool = True) -> dict[str, Any]:
     """Load a checkpoint in algorithm's format and score it on a prepared split."""
-    from algorithm.inference import resolve_device
-    from algorithm.model.checkpoint import load_checkpoint
-    from algorithm.model.fetalclipseg import effective_parameters, trainable_parameters
-    from algorithm.runtime import choose_precision
-
     dev = resolve_device(device)
     model, info = load_checkpoint(weights, device=dev)
     dataset = FrameDataset(prepared, split)

@@ -21,6 +21,7 @@ import numpy as np
 
 from algorithm.config import FRAME_NONE, InferenceConfig
 from training.scoring.metrics import frame_level_metrics
+from training.scoring.report_plots import plt, save_figure
 
 THRESHOLDS = tuple(round(0.001 * k, 4) for k in range(1, 51))  # 0.1 % .. 5 % of the input, in 0.1 % steps
 TABLE_THRESHOLDS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05)
@@ -83,8 +84,6 @@ def markdown(result: dict[str, Any], title: str = "") -> str:
 
 
 def plot(result: dict[str, Any], path: Path, title: str = "") -> Path:
-    from training.scoring.report_plots import plt, save_figure  # the Agg backend, set there
-
     fig, ax = plt.subplots(figsize=(6, 5))
     for trial in result["per_trial"] if result["trials"] > 1 else []:
         ax.plot([r["recall"] for r in trial], [r["precision"] for r in trial], color="0.75", lw=0.8)
