@@ -77,9 +77,6 @@ class SplitArrays:
         """bool (N,): frames with an annotated abdomen (optimal or suboptimal), the paper's positives."""
         return np.asarray(self.labels) != FRAME_NONE
 
-    def class_counts(self, classes: int = 3) -> np.ndarray:
-        return np.bincount(np.asarray(self.labels, dtype=np.int64), minlength=classes)
-
 
 def to_network_input(grey: np.ndarray | torch.Tensor) -> torch.Tensor:
     """(H, W) or (N, H, W) uint8 grey at network size -> (3, H, W) / (N, 3, H, W) CLIP-normalised float."""
