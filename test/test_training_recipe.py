@@ -350,7 +350,7 @@ def test_reproduce_prepares_once_and_reuses_only_a_matching_preparation(replica,
         calls.append(k.get("all_sweeps"))
         return real(*a, **{**k, "progress": False})
 
-    monkeypatch.setattr("training.data.prepare.prepare", counting)
+    monkeypatch.setattr("training.run.recipes.prepare", counting)  # the name reproduce calls
     prepare_once(args, tmp_path / "p", DistContext())
     prepare_once(args, tmp_path / "p", DistContext())
     assert calls == [False]
