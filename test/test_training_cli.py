@@ -37,6 +37,7 @@ def test_train_and_reproduce_read_the_recipe_options_the_same_way(tmp_path):
     from training.params import recipe_from_args, train_parser
     from training.run.recipes import reproduce_parser
 
+    (tmp_path / "manifest.json").write_text("{}")  # --prepared must be a prepared folder
     train_args = train_parser().parse_args(["--prepared", str(tmp_path), "--out", str(tmp_path), *RECIPE_ARGV])
     reproduce_args = reproduce_parser().parse_args(["--data", str(tmp_path), "--out", str(tmp_path), *RECIPE_ARGV])
     recipe, reproduced = recipe_from_args(train_args), recipe_from_args(reproduce_args)

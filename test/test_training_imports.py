@@ -129,6 +129,24 @@ def test_the_import_graph_of_training_has_no_cycle():
     assert not found, "import cycles in training/: " + "; ".join(" <-> ".join(c) for c in found)
 
 
+def folder_of(module: str) -> str:
+    """training.data.replica -> training.data; a top-level module (training.params) is its own folder."""
+    parts = module.split(".")
+    return ".".join(parts[:2]) if len(parts) > 2 or (PACKAGE / parts[-1]).is_dir() else module
+
+
+def test_the_folders_of_training_import_one_way():
+    graph, _ = import_graph()
+    folders: dict[str, set[str]] = {}
+    for module, targets in graph.items():
+        folders.setdefault(folder_of(module), set()).update(folder_of(t) for t in targets)
+    for folder, targets in folders.items():
+        targets.discard(folder)
+    assert folders["training.run"] >= {"training.data", "training.models", "training.scoring"}  # read, not empty
+    found = cycles(folders)
+    assert not found, "import cycles between folders of training/: " + "; ".join(" <-> ".join(c) for c in found)
+
+
 def test_training_modules_import_at_the_top_of_the_file():
     _, late = import_graph()
     checked = {name: lines for name, lines in late.items()

@@ -1,8 +1,8 @@
 """Docker runner: the built submission image, one `docker run` per case, the way grand-challenge runs it.
 
 Each case is staged as grand-challenge mounts /input (the image in its socket's folder plus an `inputs.json`
-naming the socket: `training.data.layout.stage_case`) and run with the restrictions of tools/run_container.sh: no network,
-read-only /input, read-only root file system with a fresh /tmp volume, a memory limit, all capabilities
+naming the socket: `training.data.layout.stage_case`) and run with the restrictions of tools/run_container.sh:
+no network, read-only /input, read-only root file system with a fresh /tmp volume, a memory limit, all capabilities
 dropped, no-new-privileges, the image's own non-root user, `--gpus all` only where `nvidia-smi` works,
 and the weights (when given) mounted read-only at /opt/ml/model like grand-challenge's model tarball.
 

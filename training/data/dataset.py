@@ -14,6 +14,7 @@ up to the rounding of the resized grey levels to uint8 (< 0.5 grey level).
 """
 from __future__ import annotations
 
+import argparse
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ from torch.utils.data import Dataset
 
 from algorithm.config import FRAME_NONE, FRAME_OPTIMAL, FRAME_SUBOPTIMAL
 from algorithm.preprocess import normalise
+from training.cli import MissingInput, existing_folder
 
 SPLITS = ("train", "val", "test")
 MANIFEST = "manifest.json"
@@ -48,8 +50,16 @@ def frame_labels(masks: np.ndarray) -> np.ndarray:
 def read_manifest(prepared: Path) -> dict:
     path = Path(prepared) / MANIFEST
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: run `python -m training prepare` first")
+        raise MissingInput(f"{path} not found: run `python -m training prepare` first")
     return json.loads(path.read_text())
+
+
+def prepared_folder(text: str) -> Path:
+    """argparse type of --prepared: the output of `python -m training prepare`."""
+    path = existing_folder(text)
+    if not (path / MANIFEST).is_file():
+        raise argparse.ArgumentTypeError(f"{path} holds no {MANIFEST}: run python -m training prepare first")
+    return path
 
 
 @dataclass

@@ -29,6 +29,7 @@ from torch import nn
 
 from algorithm.config import CLIP_MEAN, CLIP_STD
 from algorithm.model.fetalclipseg import SegOutput
+from training.cli import MissingInput, UsageError
 
 log = logging.getLogger("training")
 
@@ -103,7 +104,7 @@ def _build_backbone(backbone: str, pretrained: str | Path | None) -> tuple[nn.Mo
         arch, tag = _split_open_clip(backbone)
         weights = None if pretrained is None else (tag if str(pretrained) == "hub" else str(pretrained))
         if str(pretrained) == "hub" and tag is None:
-            raise ValueError(f"{backbone}: name the pretrained tag to download, e.g. open_clip:{arch}@openai")
+            raise UsageError(f"{backbone}: name the pretrained tag to download, e.g. open_clip:{arch}@openai")
         clip = open_clip.create_model(arch, pretrained=weights)
         visual = clip.visual
         size = visual.image_size if isinstance(visual.image_size, int) else visual.image_size[0]
@@ -119,7 +120,7 @@ def _build_backbone(backbone: str, pretrained: str | Path | None) -> tuple[nn.Mo
     else:
         path = Path(pretrained)
         if not path.is_file():
-            raise FileNotFoundError(f"baseline weights not found: {path}")
+            raise MissingInput(f"baseline weights not found: {path}")
         # timm reads the file itself (safetensors, or torch.load with weights_only=True) and drops the classifier
         model = timm.create_model(backbone, pretrained=True, num_classes=0, pretrained_cfg_overlay={"file": str(path)})
     cfg = model.pretrained_cfg
@@ -134,7 +135,7 @@ def _lora_targets(backbone: str, model: nn.Module) -> tuple[str, ...]:
     names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     found = tuple(t for t in targets if t in names)
     if not found:
-        raise ValueError(f"{backbone} has no module named {', '.join(targets)} for LoRA; use adapt 'full' or 'probe'")
+        raise UsageError(f"{backbone} has no module named {', '.join(targets)} for LoRA; use adapt 'full' or 'probe'")
     return found
 
 
@@ -144,7 +145,7 @@ class BaselineClassifier(nn.Module):
     def __init__(self, config: BaselineConfig, pretrained: str | Path | None = None):
         super().__init__()
         if config.adapt not in ADAPTATIONS:
-            raise ValueError(f"adapt must be one of {ADAPTATIONS}, got {config.adapt!r}")
+            raise UsageError(f"adapt must be one of {ADAPTATIONS}, got {config.adapt!r}")
         self.encoder, self.preprocessing, dim = _build_backbone(config.backbone, pretrained)
         if config.adapt == "auto":  # as published: LoRA for transformers, full fine-tuning for CNNs
             transformer = config.backbone.startswith("open_clip:") or any(

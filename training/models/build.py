@@ -13,8 +13,10 @@ import torch
 from torch import nn
 
 from algorithm.model.fetalclipseg import build_model, effective_parameters, trainable_parameters
+from training.cli import CommandParser, number, run_command
 from training.models.baselines import build_baseline
-from training.models.modes import FETALCLIP_MODES, SPECS, ModelOptions, model_config_for, parameters_table
+from training.models.modes import (FETALCLIP_MODES, SPECS, ModelOptions, mode_argument, model_config_for,
+                                   parameters_table)
 
 
 def configure_trainable(model: nn.Module, mode: str, train_encoder: bool = False) -> None:
@@ -65,15 +67,20 @@ def count_parameters(config: str = "full", modes: tuple[str, ...] = FETALCLIP_MO
 
 def params_main(argv: Sequence[str] | None = None) -> int:
     """`python -m training params`: every mode's trainable parameters (and those that can change) beside the paper's."""
-    par = argparse.ArgumentParser(prog="python -m training params",
-                                  description="trainable parameters of every mode beside the paper's")
-    par.add_argument("--config", default="full", choices=["full", "small"])
-    par.add_argument("--modes", nargs="+", choices=list(FETALCLIP_MODES))
-    par.add_argument("--lora-rank", type=int, default=8)
-    par.add_argument("--lora-alpha", type=int)
-    par.add_argument("--json", type=Path)
-
+    par = CommandParser(prog="python -m training params", description="trainable parameters of every mode beside "
+                                                                      "the paper's")
+    par.add_argument("--config", default="full", choices=["full", "small"],
+                     help="full: FetalCLIP's ViT-L/14 encoder (the paper's figures); small: a small network")
+    par.add_argument("--modes", nargs="+", choices=FETALCLIP_MODES, type=mode_argument,
+                     help="the modes to count (default: every FetalCLIP mode)")
+    par.add_argument("--lora-rank", type=number(int, minimum=1), default=8, help="LoRA rank")
+    par.add_argument("--lora-alpha", type=number(int, minimum=1), help="LoRA alpha (default: 2 x rank)")
+    par.add_argument("--json", type=Path, help="also write the counts here (default: printed only)")
     args = par.parse_args(argv)
+    return run_command(lambda: _params_command(args))
+
+
+def _params_command(args: argparse.Namespace) -> int:
     counts = count_parameters(args.config, tuple(args.modes or FETALCLIP_MODES), args.lora_rank, args.lora_alpha)
     print(parameters_table(counts))
     if args.json:

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from algorithm.config import ModelConfig
+from training.cli import UsageError
 
 log = logging.getLogger("training")
 
@@ -94,7 +95,7 @@ FORMER_NAMES = "; ".join(f"{old}: the former name of {new}" for old, new in LEGA
 class ModelOptions:
     """Which network a run trains and how it starts: the mode and the choices that shape its model.
 
-    `training.params.TrainConfig` extends it, so a run's whole configuration is what `build_training_model`
+    `training.params.TrainConfig` extends it, so a run's whole configuration is what `build.build_training_model`
     takes. The mode is stored under its current name.
     """
 
@@ -105,7 +106,7 @@ class ModelOptions:
     decoder: str | None = None  # fixed only: unetr | separable (None: FIXED_DECODER)
     lora_rank: int = 8
     lora_alpha: int | None = None  # None: 2 x rank (16 at rank 8, the paper's)
-    backbone: str | None = None  # baseline: a name of training.models.baselines.BASELINES, timm, or open_clip:ARCH[@TAG]
+    backbone: str | None = None  # baseline: a name of baselines.BASELINES, timm, or open_clip:ARCH[@TAG]
     pretrained: str | None = None  # baseline weights: a local file, "hub", or None (random: tests only)
     adapt: str | None = None  # baseline: lora | full | probe (None: as published)
 
@@ -123,11 +124,11 @@ class ModelOptions:
 
     def validate(self) -> None:
         if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+            raise UsageError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.config not in ("full", "small"):
-            raise ValueError(f"config must be full or small, got {self.config!r}")
+            raise UsageError(f"config must be full or small, got {self.config!r}")
         if self.mode == "baseline" and not self.backbone:
-            raise ValueError("mode baseline needs a backbone (--backbone: a name of training.models.baselines."
+            raise UsageError("mode baseline needs a backbone (--backbone: a name of training.models.baselines."
                              "BASELINES or timm)")
 
 
@@ -144,9 +145,9 @@ def model_config_for(options: ModelOptions) -> ModelConfig:
         return dataclasses.replace(base, **lora, use_lora=not options.train_encoder, lora_targets=FIXED_LORA_TARGETS,
                                    encoder_no_grad=False, decoder=options.decoder or FIXED_DECODER)
     if options.train_encoder:
-        raise ValueError(f"--train-encoder applies to mode fixed, not {mode} (which reproduces a published set-up)")
+        raise UsageError(f"--train-encoder applies to mode fixed, not {mode} (which reproduces a published set-up)")
     if options.decoder is not None:
-        raise ValueError(f"--decoder applies to mode fixed; {mode} has its published architecture")
+        raise UsageError(f"--decoder applies to mode fixed; {mode} has its published architecture")
     if mode == "paper":
         return dataclasses.replace(base, **lora, use_lora=True, lora_targets=PAPER_LORA_TARGETS,
                                    encoder_no_grad=True, decoder="separable")
@@ -156,7 +157,7 @@ def model_config_for(options: ModelOptions) -> ModelConfig:
                                    encoder_no_grad=False)
     if mode == "probe":
         return dataclasses.replace(base, **lora, **classifier, use_lora=False, encoder_no_grad=True)
-    raise ValueError(f"mode must be one of {FETALCLIP_MODES}, got {mode!r}")
+    raise UsageError(f"mode must be one of {FETALCLIP_MODES}, got {mode!r}")
 
 
 def format_parameters(n: int | float | None) -> str:

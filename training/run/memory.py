@@ -38,9 +38,11 @@ import torch
 from torch import nn
 
 from algorithm.runtime import choose_precision
-from training.models.losses import SegLoss, class_weights
+from training.cli import CommandParser, UsageError, number, run_command
 from training.models.build import build_training_model
+from training.models.losses import SegLoss, class_weights
 from training.models.modes import MODES, ModelOptions, mode_argument
+from training.params import POSITIVE
 from training.run.step import TrainView, make_step
 
 log = logging.getLogger("training")
@@ -209,7 +211,7 @@ def plan_memory(estimate: MemoryEstimate, batch_per_process: int, budget_bytes: 
     (CPU) nothing is adapted. When nothing fits, the smallest set-up is returned with fits False.
     """
     if accumulate is not None and (accumulate < 1 or batch_per_process % accumulate):
-        raise ValueError(f"--accumulate {accumulate} does not divide the batch of {batch_per_process} per process")
+        raise UsageError(f"--accumulate {accumulate} does not divide the batch of {batch_per_process} per process")
     if grad_checkpointing is not None:
         checkpointing_options = [grad_checkpointing]
     else:
@@ -331,20 +333,27 @@ def run_memory_command(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m training memory`: measure a mode's training step and print the set-up that fits a budget."""
-    mem = argparse.ArgumentParser(prog="python -m training memory", description=__doc__.splitlines()[0])
-    mem.add_argument("--config", default="full", choices=["full", "small"])
-    mem.add_argument("--mode", default="fixed", type=mode_argument, choices=MODES)
-    mem.add_argument("--backbone")
-    mem.add_argument("--decoder", choices=["unetr", "separable"])
-    mem.add_argument("--lora-rank", type=int, default=8)
-    mem.add_argument("--lora-alpha", type=int)
-    mem.add_argument("--batch-size", type=int, default=32, help="frames per step on one device")
-    mem.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
-    mem.add_argument("--device", default="cpu")
-    mem.add_argument("--budget-gib", type=float, help="memory budget (default: the GPU's free memory)")
-    mem.add_argument("--accumulate", type=int)
-    mem.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=None)
-    mem.add_argument("--measure", type=int, metavar="MICRO",
-                     help="also run one real step of MICRO frames and compare its measured peak with the estimate")
-    mem.add_argument("--json", type=Path)
-    return run_memory_command(mem.parse_args(argv))
+    mem = CommandParser(prog="python -m training memory", description=__doc__.splitlines()[0])
+    mem.add_argument("--config", default="full", choices=["full", "small"],
+                     help="full: FetalCLIP's ViT-L/14 encoder; small: a small network for tests and the CPU")
+    mem.add_argument("--mode", default="fixed", type=mode_argument, choices=MODES,
+                     help="what would train (training.models.modes)")
+    mem.add_argument("--backbone", help="mode baseline (which needs one): its backbone (default: none)")
+    mem.add_argument("--decoder", choices=["unetr", "separable"], help="mode fixed: its decoder (default: unetr)")
+    mem.add_argument("--lora-rank", type=POSITIVE, default=8, help="LoRA rank")
+    mem.add_argument("--lora-alpha", type=POSITIVE, help="LoRA alpha (default: 2 x rank)")
+    mem.add_argument("--batch-size", type=POSITIVE, default=32, help="frames per step on one device")
+    mem.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
+                     help="the training autocast (fp16 is measured as bf16 on the CPU: the same bytes)")
+    mem.add_argument("--device", default="cpu", help="where to measure: cpu, cuda or cuda:N")
+    mem.add_argument("--budget-gib", type=number(float, above=0),
+                     help="memory budget (default: the GPU's free memory; none on the CPU)")
+    mem.add_argument("--accumulate", type=POSITIVE, help="micro-batches per step (default: the fewest that fit)")
+    mem.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                     help="gradient checkpointing (default: only when the step does not fit otherwise)")
+    mem.add_argument("--measure", type=POSITIVE, metavar="MICRO",
+                     help="also run one real step of MICRO frames and compare its measured peak with the estimate "
+                          "(default: estimate only)")
+    mem.add_argument("--json", type=Path, help="also write the result here (default: printed only)")
+    args = mem.parse_args(argv)
+    return run_command(lambda: run_memory_command(args))

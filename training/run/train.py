@@ -24,6 +24,7 @@ that train (the frozen encoder comes from the FetalCLIP file) and load with torc
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
 import functools
@@ -52,16 +53,18 @@ from algorithm.model.checkpoint import save_checkpoint
 from algorithm.model.fetalclipseg import (effective_parameters, inert_parameter_names, total_parameters,
                                           trainable_parameters)
 from algorithm.runtime import autocast, choose_precision, needs_grad_scaling, resolve_device
+from training.cli import UsageError, run_command
 from training.data.augment import build_augment
 from training.data.dataset import FrameDataset, read_manifest
 from training.data.mining import Hardness, mining_pool, score_negatives
 from training.data.sampling import EpochSampler, MixedBatches, validation_subset
-from training.models.losses import LossWeights, SegLoss, class_weights
 from training.models.build import build_training_model
+from training.models.losses import LossWeights, SegLoss, class_weights
 from training.models.snapshot import (SnapshotError, load_trainable_state, read_snapshot, rng_state, save_snapshot,
                                       set_rng_state, trainable_state)
-from training.params import TrainConfig, config_from_args, train_parser
+from training.params import TrainConfig, check_device, config_from_args, train_parser
 from training.run.distributed import DistContext, gather_to_main, reduce_device, setup_distributed, shutdown
+from training.run.folder import RunFolder
 from training.run.memory import MemoryPlan, device_budget, measure_step, plan_memory
 from training.run.step import TrainView
 from training.scoring.evaluate_frames import (METRIC_COLUMNS, FrameStats, accumulate, frame_loader, frame_report,
@@ -164,7 +167,7 @@ class Trainer:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         if cfg.batch_size % self.ctx.world:
-            raise ValueError(f"batch size {cfg.batch_size} is not divisible by the {self.ctx.world} processes")
+            raise UsageError(f"batch size {cfg.batch_size} is not divisible by the {self.ctx.world} processes")
         self.precision, scaling = training_precision(cfg.precision, self.ctx.device)
         self.scaler = torch.amp.GradScaler(self.ctx.device.type, enabled=scaling)
 
@@ -186,7 +189,7 @@ class Trainer:
         self.train_set = FrameDataset(cfg.prepared, "train", self.augment, copies=cfg.augment_copies)
         self.val_set = FrameDataset(cfg.prepared, "val")
         if len(self.train_set) == 0:
-            raise ValueError(f"{cfg.prepared}: the train split is empty")
+            raise UsageError(f"{cfg.prepared}: the train split is empty")
         counts = np.bincount(self.train_set.frame_labels, minlength=3)
         power = cfg.class_weight_power
         if power is None:
@@ -210,7 +213,7 @@ class Trainer:
         self.sampler: Sampler
         if cfg.head_negatives_per_positive:
             if cfg.sampler != "uniform":
-                raise ValueError("head-only negatives go with the uniform sampler")
+                raise UsageError("head-only negatives go with the uniform sampler")
             self.sampler = MixedBatches(self.train_set.labels, self.seed, self.micro_batch,
                                         cfg.negatives_per_positive, cfg.head_negatives_per_positive,
                                         self.ctx.rank, self.ctx.world)
@@ -311,7 +314,7 @@ class Trainer:
             return False
         saved = read_snapshot(self.last_path)
         if saved.get("model_config") != self.model_config.to_dict():
-            raise ValueError(f"{self.last_path} was written for another model configuration; "
+            raise SnapshotError(f"{self.last_path} was written for another model configuration; "
                              "resume with the same --mode/--config/--train-encoder or use another --out")
         load_trainable_state(self.model, saved["model"], self.last_path)
         self.optimizer.load_state_dict(saved["optimizer"])
@@ -560,9 +563,10 @@ def checkpoint_name(cfg: TrainConfig) -> str:
     return BASELINE_CHECKPOINT_NAME if cfg.spec.name == "baseline" else CHECKPOINT_NAME
 
 
-def run_trial(cfg: TrainConfig, trial: int, ctx: DistContext) -> dict[str, Any]:
-    """Train one trial, score its best epoch on validation and test (frames kept), export its checkpoint."""
-    trainer = Trainer(cfg, trial, ctx=ctx)
+def run_trial(cfg: TrainConfig, trial: int, ctx: DistContext, folder: RunFolder) -> dict[str, Any]:
+    """Train one trial in the run's staged folder, score its best epoch on validation and test (frames kept),
+    export its checkpoint. The paths it records are where the files will be once the run is complete."""
+    trainer = Trainer(cfg, trial, out=folder.partial / f"trial_{trial}", ctx=ctx)
     started = time.perf_counter()
     state = trainer.fit()
     trainer.load_best()
@@ -581,9 +585,10 @@ def run_trial(cfg: TrainConfig, trial: int, ctx: DistContext) -> dict[str, Any]:
     }
     if ctx.main:
         for split, frames in trainer.frames.items():
-            result[f"{split}_frames"] = str(save_frames(frames, trainer.out / f"{split}_frames.npz"))
+            saved = save_frames(frames, trainer.out / f"{split}_frames.npz")
+            result[f"{split}_frames"] = str(folder.published(saved))
         checkpoint = trainer.export(trainer.out / checkpoint_name(cfg), reports.get("test"))
-        result["checkpoint"] = str(checkpoint)
+        result["checkpoint"] = str(folder.published(checkpoint))
         (trainer.out / "frame_metrics.json").write_text(json.dumps(result, indent=2) + "\n")
     ctx.barrier()
     return result
@@ -631,27 +636,37 @@ def summary_table(name: str, results: list[dict[str, Any]], summary: dict[str, A
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """All trials of one configuration; returns (and writes) the summary. Under torchrun every rank
-    trains; the summary's checkpoint and files exist on rank 0 only (`summary["main"]`)."""
+    trains; the summary's checkpoint and files exist on rank 0 only (`summary["main"]`).
+
+    The run's folder appears at `cfg.out` only when the run is complete (training.run.folder): a run that
+    stops part-way keeps `<out>.partial` if an epoch finished (the exception carries a note saying so)."""
     cfg.validate()
     ctx = setup_distributed(cfg.device)
-    out = Path(cfg.out)
+    folder = RunFolder(cfg.out)
+    folder.check_start(cfg.resume)  # every rank, so that all refuse together
     if ctx.main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-    results = [run_trial(cfg, trial, ctx) for trial in range(cfg.trials)]
-    summary = {"config": cfg.to_dict(), "trials": results, "test_mean_std": summarise(results),
-               "main": ctx.main}
-    if ctx.main:
-        best = min(results, key=lambda r: r["best_val_loss"])
-        name = checkpoint_name(cfg)
-        shutil.copy(best["checkpoint"], out / name)
-        summary["checkpoint"] = str(out / name)
-        summary["checkpoint_trial"] = best["trial"]
-        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        table = summary_table(cfg.mode, results, summary["test_mean_std"])
-        (out / "frame_table.md").write_text(table)
-        log.info("test split, frame level:\n%s", table)
-        log.info("checkpoint: %s", out / name)
+        folder.open(cfg.resume, cfg.to_dict())
+    ctx.barrier()
+    try:
+        results = [run_trial(cfg, trial, ctx, folder) for trial in range(cfg.trials)]
+        summary = {"config": cfg.to_dict(), "trials": results, "test_mean_std": summarise(results),
+                   "main": ctx.main}
+        if ctx.main:
+            best = min(results, key=lambda r: r["best_val_loss"])
+            name = checkpoint_name(cfg)
+            shutil.copy(folder.partial / f"trial_{best['trial']}" / name, folder.partial / name)
+            summary["checkpoint"] = str(folder.out / name)
+            summary["checkpoint_trial"] = best["trial"]
+            (folder.partial / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            table = summary_table(cfg.mode, results, summary["test_mean_std"])
+            (folder.partial / "frame_table.md").write_text(table)
+            folder.commit()
+            log.info("test split, frame level:\n%s", table)
+            log.info("checkpoint: %s", folder.out / name)
+    except BaseException as stopped:
+        if ctx.main and (kept := folder.stop()):
+            stopped.add_note(kept)
+        raise
     return summary
 
 
@@ -664,20 +679,18 @@ def configure_logging() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m training train`: exit codes as every training command (training.cli, docs/training.md)."""
     configure_logging()
-    parser = train_parser()
-    args = parser.parse_args(argv)
+    args = train_parser().parse_args(argv)
+    return run_command(lambda: _train_command(args))
+
+
+def _train_command(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
-    try:
-        cfg.validate()
-        choose_precision(cfg.precision, resolve_device(cfg.device))
-    except ValueError as exc:
-        parser.error(str(exc))
+    cfg.validate()
+    check_device(cfg.device, cfg.precision)
     try:
         train(cfg)
-    except SnapshotError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
     finally:
         shutdown()
     return 0

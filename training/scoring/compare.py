@@ -12,7 +12,6 @@ score of every common test case, one marker per row).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from training.cli import CommandParser
 from training.models.modes import format_parameters
 from training.scoring.report_plots import plt, save_figure
 
@@ -158,10 +158,10 @@ def compare(runs: Sequence[str], out: Path, title: str = "") -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m training compare", description=__doc__.splitlines()[0])
+    parser = CommandParser(prog="python -m training compare", description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", metavar="RUN", help="a `reproduce --out` folder, or LABEL=FOLDER")
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--title", default="")
+    parser.add_argument("--out", type=Path, required=True, help="folder for the comparison (JSON, table, plot)")
+    parser.add_argument("--title", default="", help="title of the table and the plot (default: none)")
     args = parser.parse_args(argv)
     try:
         result = compare(args.runs, args.out, args.title)

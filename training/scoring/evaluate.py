@@ -28,7 +28,6 @@ full-size case peaks at ~0.7 GB resident (~0.6 GB with --fov-mask), most of it o
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import math
@@ -43,6 +42,7 @@ from rich.table import Table
 
 from algorithm.config import PIXEL_SPACING_MM, SWEEPS_PER_CASE
 from algorithm.fov import fov_from_stack
+from training.cli import CommandParser
 from training.data import layout
 from training.scoring.metrics import case_score
 from training.scoring.official import OfficialScorerFailure, official_case_score
@@ -300,10 +300,10 @@ def print_report(report: dict[str, Any], console: Console | None = None) -> None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m training evaluate", description=__doc__.split("\n\n")[0])
+    parser = CommandParser(prog="python -m training evaluate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--predictions", type=Path, required=True, help="one output folder per case uuid")
     parser.add_argument("--ground-truth", type=Path, required=True, help="dataset in the public release layout")
-    parser.add_argument("--json", type=Path, help="write the report here")
+    parser.add_argument("--json", type=Path, help="also write the report here (default: printed only)")
     parser.add_argument("--fov-mask", type=Path,
                         help="(H, W) FOV .mha used for every case (default: derived from each image stack)")
     parser.add_argument("--official", action="store_true",

@@ -36,7 +36,8 @@ from algorithm.config import FRAME_NONE, InferenceConfig
 from algorithm.model.checkpoint import load_checkpoint
 from algorithm.model.fetalclipseg import effective_parameters, trainable_parameters
 from algorithm.runtime import autocast, choose_precision, resolve_device
-from training.data.dataset import FrameDataset
+from training.cli import CommandParser, existing_file, number, run_command
+from training.data.dataset import FrameDataset, prepared_folder
 from training.models.losses import DiceSums, LossWeights, dice_sums, frame_loss
 from training.models.modes import SPECS, canonical_mode
 from training.scoring.metrics import frame_level_metrics
@@ -270,19 +271,23 @@ def evaluate_weights(weights: Path, prepared: Path, split: str = "test", device:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m training evaluate-frames", description=__doc__.splitlines()[0])
-    parser.add_argument("--prepared", type=Path, required=True)
-    parser.add_argument("--weights", type=Path, required=True)
-    parser.add_argument("--split", default="test", choices=["train", "val", "test"])
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--workers", type=int, default=0)
+    parser = CommandParser(prog="python -m training evaluate-frames", description=__doc__.splitlines()[0])
+    parser.add_argument("--prepared", type=prepared_folder, required=True, help="output of python -m training prepare")
+    parser.add_argument("--weights", type=existing_file, required=True, help="a checkpoint in algorithm's format")
+    parser.add_argument("--split", default="test", choices=["train", "val", "test"], help="the split to score")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--batch-size", type=number(int, minimum=1), default=32, help="frames per forward pass")
+    parser.add_argument("--workers", type=number(int, minimum=0), default=0, help="DataLoader workers")
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
                         help="auto: bf16 where native (GPU capability >= 8.0, CPUs with bf16 units), fp16 on "
                              "older GPUs, fp32 elsewhere (algorithm.runtime)")
-    parser.add_argument("--json", type=Path)
-    parser.add_argument("--markdown", type=Path)
+    parser.add_argument("--json", type=Path, help="also write the report here (default: printed only)")
+    parser.add_argument("--markdown", type=Path, help="also write the table here (default: printed only)")
     args = parser.parse_args(argv)
+    return run_command(lambda: _evaluate_frames_command(args))
+
+
+def _evaluate_frames_command(args: argparse.Namespace) -> int:
     report = evaluate_weights(args.weights, args.prepared, args.split, args.device, args.batch_size,
                               args.workers, args.precision)
     table = markdown_table(table_rows(args.weights.stem, report))

@@ -11,7 +11,6 @@ the F1-best threshold marked; mean over trials, thin lines per trial), `threshol
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from algorithm.config import FRAME_NONE, InferenceConfig
+from training.cli import CommandParser
 from training.scoring.metrics import frame_level_metrics
 from training.scoring.report_plots import plt, save_figure
 
@@ -117,11 +117,11 @@ def run(frame_files: Sequence[Path], out: Path, title: str = "") -> dict[str, An
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m training threshold-sweep", description=__doc__.splitlines()[0])
+    parser = CommandParser(prog="python -m training threshold-sweep", description=__doc__.splitlines()[0])
     parser.add_argument("--frames", type=Path, nargs="+", required=True,
                         help="test_frames.npz (or val_frames.npz) of one or more trials")
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--title", default="")
+    parser.add_argument("--out", type=Path, required=True, help="folder for the table (JSON) and the plot")
+    parser.add_argument("--title", default="", help="title of the table and the plot (default: none)")
     args = parser.parse_args(argv)
     try:
         result = run(args.frames, args.out, args.title)
