@@ -22,7 +22,7 @@ from training.data.augment import AugmentConfig, FrameAugment
 from training.data.dataset import FrameDataset, SplitArrays, frame_labels, read_manifest
 from training.models.losses import class_weights
 from training.data.prepare import prepare, read_circumferences, split_by_subject
-from training.models.modes import ModelOptions, model_config_for
+from training.models.modes import SPECS, ModelOptions, model_config_for, parameters_table
 from training.data.sampling import EpochSampler, MixedBatches
 from training.run.train import Trainer, TrainConfig, train
 
@@ -273,6 +273,13 @@ def test_modes_build_the_published_and_fixed_models():
     assert model_config_for(ModelOptions("fixed", "small", lora_rank=4)).lora_alpha == 8  # alpha 2 x rank by default
     with pytest.raises(ValueError, match="applies to mode fixed"):
         model_config_for(ModelOptions("paper", "small", train_encoder=True))
+
+
+def test_the_parameters_table_has_a_row_for_a_baseline_run():
+    counts = {"fixed": {"trainable": 9_060_000, "effective": 9_060_000, "paper": None},
+              "baseline-densenet": {"trainable": 6_950_000, "effective": 6_950_000, "paper": 7_000_000}}
+    rows = parameters_table(counts).splitlines()[2:]
+    assert rows[1] == f"| baseline-densenet | {SPECS['baseline'].reproduces} | 6.95 M | 6.95 M | 7.00 M |"
 
 
 def _lora_snapshot(trainer: Trainer) -> dict[str, torch.Tensor]:

@@ -167,10 +167,11 @@ def format_parameters(n: int | float | None) -> str:
 
 
 def parameters_table(counts: dict[str, dict[str, Any]]) -> str:
-    """Markdown: per mode, trainable / effective beside the paper's figure."""
+    """Markdown: per mode, trainable / effective beside the paper's figure. A key is a mode, or a baseline's
+    run name (`baseline-NAME`, as `reproduce` names it)."""
     lines = ["| mode | reproduces | trainable | can change | paper |", "|---|---|---|---|---|"]
     for mode, c in counts.items():
-        spec = SPECS[mode]
+        spec = SPECS["baseline" if mode.startswith("baseline-") else mode]
         lines.append(f"| {mode} | {spec.reproduces} | {format_parameters(c['trainable'])} "
                      f"| {format_parameters(c['effective'])} | {format_parameters(c['paper'])} |")
     return "\n".join(lines) + "\n"
