@@ -25,8 +25,8 @@ needs_reference_fov = pytest.mark.skipif(not REFERENCE_FOV.is_file(), reason=f"{
 
 
 def reference_fov() -> np.ndarray:
-    """The challenge's FOV mask as a (562, 744) bool array, read as `training.evaluate --fov-mask` reads it."""
-    from training.evaluate import read_fov_mask
+    """The challenge's FOV mask as a (562, 744) bool array, read as `training.scoring.evaluate --fov-mask` reads it."""
+    from training.scoring.evaluate import read_fov_mask
 
     return read_fov_mask(REFERENCE_FOV)
 
@@ -66,7 +66,7 @@ def case_from_array(root: Path, array: np.ndarray, name: str = "case.mha", spaci
 
 def release_case_to_input(release: Path, uuid: str, root: Path) -> Path:
     """Copy one case of a release-layout folder into a grand-challenge /input layout."""
-    from training.layout import image_path, stage_case
+    from training.data.layout import image_path, stage_case
 
     stage_case(image_path(release, uuid), root, how="copy")
     return root
@@ -75,7 +75,7 @@ def release_case_to_input(release: Path, uuid: str, root: Path) -> Path:
 @pytest.fixture(scope="session")
 def full_case(tmp_path_factory) -> tuple[Path, Path, str]:
     """One full-size (840-frame) replica case: (input folder, release folder, uuid)."""
-    from training.replica import write_dataset
+    from training.data.replica import write_dataset
 
     base = tmp_path_factory.mktemp("full_case")
     uuid = write_dataset(base / "release", cases=1, frames_per_sweep=140, seed=11)[0]
@@ -85,7 +85,7 @@ def full_case(tmp_path_factory) -> tuple[Path, Path, str]:
 @pytest.fixture(scope="session")
 def small_case(tmp_path_factory) -> tuple[Path, Path, str]:
     """One small replica case (6 sweeps x 12 frames): (input folder, release folder, uuid)."""
-    from training.replica import write_dataset
+    from training.data.replica import write_dataset
 
     base = tmp_path_factory.mktemp("small_case")
     uuid = write_dataset(base / "release", cases=1, frames_per_sweep=12, seed=5)[0]

@@ -19,8 +19,8 @@ import pytest
 import SimpleITK as sitk
 
 from algorithm.contract import INPUT_FOLDER, INPUT_SLUG, OUTPUT_FRAME, OUTPUT_MASK, Stack, write_outputs
-from training import layout
-from training.agreement import bland_altman, plot_bland_altman
+from training.data import layout
+from training.scoring.agreement import bland_altman, plot_bland_altman
 from training.benchmark.cases import discover_cases, is_complete
 from training.benchmark.core import run_benchmark
 from training.benchmark.docker import (DEFAULT_IMAGE, docker_run_command, engine_answers, image_exists,
@@ -38,7 +38,7 @@ BAD = "bad-case"
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> tuple[Path, Path, list[str]]:
     """(release folder = ground truth, cases folder = the 3 cases + a corrupt one, uuids of the 3)."""
-    from training.replica import write_dataset
+    from training.data.replica import write_dataset
 
     base = tmp_path_factory.mktemp("benchmark_data")
     release = base / "release"

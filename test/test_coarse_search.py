@@ -25,7 +25,7 @@ SMALL = ModelConfig.small()
 
 @pytest.fixture(scope="module")
 def replica():
-    from training.replica import generate_case
+    from training.data.replica import generate_case
 
     return generate_case(5003, frames_per_sweep=48)
 

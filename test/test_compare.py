@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from training.compare import compare
+from training.scoring.compare import compare
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from algorithm.biometry import EDGE_TOLERANCE_PX
-from training import ellipse_study as study
-from training.replica import sector_fov
+from training.scoring import ellipse_study as study
+from training.data.replica import sector_fov
 
 FOV = sector_fov()
 

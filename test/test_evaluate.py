@@ -12,8 +12,8 @@ import pytest
 import SimpleITK as sitk
 
 from algorithm.biometry import circumference_mm
-from training import layout
-from training.evaluate import evaluate, main, read_mask_frame
+from training.data import layout
+from training.scoring.evaluate import evaluate, main, read_mask_frame
 
 REPO = Path(__file__).resolve().parents[1]
 FRAMES, H, W = 60, 80, 100  # sweep length 60 // 6 = 10

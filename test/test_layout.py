@@ -10,7 +10,7 @@ import SimpleITK as sitk
 
 from algorithm.contract import INPUT_FOLDER, INPUT_SLUG, INPUTS_JSON, find_input_image, read_stack
 from algorithm.errors import InputError
-from training.layout import STAGING, stage_case
+from training.data.layout import STAGING, stage_case
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ import pytest
 
 from algorithm.biometry import circumference_mm
 from algorithm.config import InferenceConfig
-from training.metrics import (
+from training.scoring.metrics import (
     FrameAnnotations,
     case_score,
     dice,

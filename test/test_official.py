@@ -16,12 +16,12 @@ import pytest
 import SimpleITK as sitk
 
 from algorithm.biometry import fit_ellipse
-from training import layout
-from training.evaluate import main
-from training.metrics import case_score
-from training.official import (HD_PENALTY_PX, OfficialScorerFailure, official_case_score, official_fit_ellipse,
+from training.data import layout
+from training.scoring.evaluate import main
+from training.scoring.metrics import case_score
+from training.scoring.official import (HD_PENALTY_PX, OfficialScorerFailure, official_case_score, official_fit_ellipse,
                                previous_first_annotated_frame)
-from training.replica import sector_fov
+from training.data.replica import sector_fov
 
 REPO = Path(__file__).resolve().parents[1]
 HERE = Path(__file__).resolve().parent
@@ -275,7 +275,7 @@ def test_official_mode_equals_the_official_code(tmp_path):
     from cases import hand_built, random_cases, write_cases
     from compare import compare, run_both
 
-    from training.evaluate import read_fov_mask
+    from training.scoring.evaluate import read_fov_mask
 
     checkout = Path(OFFICIAL).resolve()
     fov = read_fov_mask(checkout / "data" / "fov_mask.mha")

@@ -20,9 +20,9 @@ import SimpleITK as sitk
 from algorithm.biometry import circumference_mm
 from algorithm.config import PIXEL_SPACING_MM, SWEEPS_PER_CASE, InferenceConfig
 from conftest import REFERENCE, needs_reference_fov, reference_fov
-from training import replica
-from training.layout import CIRCUMFERENCES_CSV, CIRCUMFERENCES_HEADER, image_path, list_case_ids, mask_path
-from training.replica import (LABEL_OPTIMAL, LABEL_SUBOPTIMAL, ReplicaConfig, case_rng, generate_case,
+from training.data import replica
+from training.data.layout import CIRCUMFERENCES_CSV, CIRCUMFERENCES_HEADER, image_path, list_case_ids, mask_path
+from training.data.replica import (LABEL_OPTIMAL, LABEL_SUBOPTIMAL, ReplicaConfig, case_rng, generate_case,
                               landmarks, plan_case, reference_measurements, sector_fov, subject_ids,
                               write_dataset)
 

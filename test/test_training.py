@@ -17,14 +17,14 @@ import torch
 
 from algorithm.config import FRAME_NONE, FRAME_OPTIMAL, FRAME_SUBOPTIMAL, ModelConfig
 from algorithm.contract import OUTPUT_FRAME
-from training import layout
-from training.augment import AugmentConfig, FrameAugment
-from training.dataset import FrameDataset, SplitArrays, frame_labels, read_manifest
-from training.losses import class_weights
-from training.prepare import prepare, read_circumferences, split_by_subject
-from training.modes import model_config_for
-from training.sampling import EpochSampler, MixedBatches
-from training.train import Trainer, TrainConfig, train
+from training.data import layout
+from training.data.augment import AugmentConfig, FrameAugment
+from training.data.dataset import FrameDataset, SplitArrays, frame_labels, read_manifest
+from training.models.losses import class_weights
+from training.data.prepare import prepare, read_circumferences, split_by_subject
+from training.models.modes import SPECS, ModelOptions, model_config_for, parameters_table
+from training.data.sampling import EpochSampler, MixedBatches
+from training.run.train import Trainer, TrainConfig, train
 
 REPO = Path(__file__).resolve().parents[1]
 FRAMES_PER_SWEEP = 12
@@ -32,7 +32,7 @@ FRAMES_PER_SWEEP = 12
 
 @pytest.fixture(scope="module")
 def replica(tmp_path_factory) -> Path:
-    from training.replica import write_dataset
+    from training.data.replica import write_dataset
 
     root = tmp_path_factory.mktemp("replica")
     write_dataset(root, cases=4, frames_per_sweep=FRAMES_PER_SWEEP, seed=1, progress=False)
@@ -184,7 +184,7 @@ def test_mixed_batches_add_head_only_negatives():
 
 
 def test_draw_negatives_takes_its_hard_share_from_the_frames_the_head_gets_wrong():
-    from training.mining import Hardness, draw_negatives
+    from training.data.mining import Hardness, draw_negatives
 
     negatives = np.arange(1000)
     pool = np.arange(0, 1000, 2)  # every even frame scored
@@ -204,7 +204,7 @@ def test_draw_negatives_takes_its_hard_share_from_the_frames_the_head_gets_wrong
 
 
 def test_samplers_draw_mined_negatives_and_keep_their_size():
-    from training.mining import Hardness
+    from training.data.mining import Hardness
 
     labels = np.array([0] * 900 + [1] * 6 + [2] * 4)
     hard = np.arange(0, 900, 100)  # nine negatives the head calls abdomen
@@ -258,21 +258,28 @@ def test_class_weights_from_counts():
 # ------------------------------------------------------------------------------------------ training
 
 def test_modes_build_the_published_and_fixed_models():
-    paper = model_config_for("paper", "small")
+    paper = model_config_for(ModelOptions("paper", "small"))
     assert paper.lora_targets == ("c_fc", "c_proj", "out_proj") and paper.encoder_no_grad and paper.use_lora
     assert paper.decoder == "separable" and paper.frame_classes == 3
-    fixed = model_config_for("fixed", "small")
+    fixed = model_config_for(ModelOptions("fixed", "small"))
     assert fixed.lora_targets == ("c_fc", "c_proj", "attn") and not fixed.encoder_no_grad
-    assert not model_config_for("fixed", "small", train_encoder=True).use_lora  # --train-encoder
-    cls = model_config_for("paper-cls", "small")
+    assert not model_config_for(ModelOptions("fixed", "small", train_encoder=True)).use_lora  # --train-encoder
+    cls = model_config_for(ModelOptions("paper-cls", "small"))
     assert cls.decoder == "none" and cls.frame_head == "linear" and cls.frame_classes == 1 and cls.use_lora
     assert cls.lora_targets == paper.lora_targets and not cls.encoder_no_grad
-    probe = model_config_for("probe", "small")
+    probe = model_config_for(ModelOptions("probe", "small"))
     assert probe == dataclasses.replace(cls, use_lora=False, encoder_no_grad=True, lora_targets=probe.lora_targets)
-    assert model_config_for("cls", "small") == probe  # the probe's former name
-    assert model_config_for("fixed", "small", lora_rank=4).lora_alpha == 8  # alpha 2 x rank by default
+    assert model_config_for(ModelOptions("cls", "small")) == probe  # the probe's former name
+    assert model_config_for(ModelOptions("fixed", "small", lora_rank=4)).lora_alpha == 8  # alpha 2 x rank by default
     with pytest.raises(ValueError, match="applies to mode fixed"):
-        model_config_for("paper", "small", train_encoder=True)
+        model_config_for(ModelOptions("paper", "small", train_encoder=True))
+
+
+def test_the_parameters_table_has_a_row_for_a_baseline_run():
+    counts = {"fixed": {"trainable": 9_060_000, "effective": 9_060_000, "paper": None},
+              "baseline-densenet": {"trainable": 6_950_000, "effective": 6_950_000, "paper": 7_000_000}}
+    rows = parameters_table(counts).splitlines()[2:]
+    assert rows[1] == f"| baseline-densenet | {SPECS['baseline'].reproduces} | 6.95 M | 6.95 M | 7.00 M |"
 
 
 def _lora_snapshot(trainer: Trainer) -> dict[str, torch.Tensor]:
@@ -362,9 +369,9 @@ def test_init_starts_from_saved_weights_and_rejects_another_architecture(prepare
 def test_train_export_run_algorithm_and_score(replica, prepared, tmp_path):
     """The chain: train a few steps -> algorithm's checkpoint -> python -m algorithm on a case -> score."""
     from algorithm.model.checkpoint import load_checkpoint
-    from training.recipes import cli_case_folder
-    from training.evaluate import evaluate
-    from training.evaluate_frames import evaluate_weights
+    from training.run.recipes import cli_case_folder
+    from training.scoring.evaluate import evaluate
+    from training.scoring.evaluate_frames import evaluate_weights
 
     cfg = small_config(prepared, tmp_path / "run", max_steps=2, augment=True, mask_ce_weight=1.0, replica=True)
     summary = train(cfg)

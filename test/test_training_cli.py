@@ -35,8 +35,9 @@ RECIPE_ARGV = ["--config", "small", "--epochs", "3", "--batch-size", "4", "--lr"
 
 def test_train_and_reproduce_read_the_recipe_options_the_same_way(tmp_path):
     from training.params import recipe_from_args, train_parser
-    from training.recipes import reproduce_parser
+    from training.run.recipes import reproduce_parser
 
+    (tmp_path / "manifest.json").write_text("{}")  # --prepared must be a prepared folder
     train_args = train_parser().parse_args(["--prepared", str(tmp_path), "--out", str(tmp_path), *RECIPE_ARGV])
     reproduce_args = reproduce_parser().parse_args(["--data", str(tmp_path), "--out", str(tmp_path), *RECIPE_ARGV])
     recipe, reproduced = recipe_from_args(train_args), recipe_from_args(reproduce_args)
@@ -48,7 +49,7 @@ def test_train_and_reproduce_read_the_recipe_options_the_same_way(tmp_path):
 
 def test_demo_weights_shares_the_schedule_options_with_its_own_defaults(tmp_path):
     from training.params import TrainConfig, sampling_from_args, schedule_from_args
-    from training.recipes import demo_weights_parser
+    from training.run.recipes import demo_weights_parser
 
     defaults = demo_weights_parser().parse_args([])
     assert schedule_from_args(defaults) == dict(epochs=42, batch_size=8, lr=1e-3, warmup_steps=50, threads=1,

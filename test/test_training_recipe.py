@@ -21,11 +21,12 @@ import pytest
 import torch
 
 from algorithm.config import FRAME_NONE
-from training.memory import GiB, MemoryEstimate, plan_memory
-from training.modes import SPECS, build_training_model, count_parameters
-from training.prepare import prepare, prepare_key, prepared_matches
-from training.snapshot import SnapshotError, read_snapshot
-from training.train import Trainer, TrainConfig, load_weights, measure_step, train, training_precision
+from training.data.prepare import prepare, prepare_key, prepared_matches
+from training.models.build import build_training_model, count_parameters
+from training.models.modes import SPECS, ModelOptions
+from training.models.snapshot import SnapshotError, read_snapshot
+from training.run.memory import GiB, MemoryEstimate, measure_step, plan_memory
+from training.run.train import TrainConfig, Trainer, load_weights, train, training_precision
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -35,7 +36,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.fixture(scope="module")
 def replica(tmp_path_factory) -> Path:
-    from training.replica import write_dataset
+    from training.data.replica import write_dataset
 
     root = tmp_path_factory.mktemp("replica")
     write_dataset(root, cases=3, frames_per_sweep=12, seed=1, progress=False)
@@ -88,10 +89,10 @@ def test_counts_per_mode_at_small_size():
 def test_paper_mode_frame_head_cannot_change_how_the_decoder_trains():
     """Behind no_grad the frame head's loss reaches the head only: the decoder's gradient is the published
     Dice's alone."""
-    from training.losses import SegLoss
+    from training.models.losses import SegLoss
 
     torch.manual_seed(0)
-    model = build_training_model("paper", "small").train()
+    model = build_training_model(ModelOptions("paper", "small")).train()
     x = torch.randn(3, 3, 224, 224)
     mask = torch.zeros(3, 224, 224, dtype=torch.long)
     mask[:, 80:140, 90:150] = 1
@@ -108,7 +109,7 @@ def test_paper_mode_frame_head_cannot_change_how_the_decoder_trains():
 
 
 def test_published_dice_is_foreground_only_and_zero_without_abdomen():
-    from training.losses import dice_sums
+    from training.models.losses import dice_sums
 
     logits = torch.randn(2, 2, 8, 8)
     empty = torch.zeros(2, 8, 8, dtype=torch.long)
@@ -133,7 +134,7 @@ def test_auto_precision_on_a_t4_is_fp16_with_gradient_scaling_and_bf16_without_f
 
 def test_fp16_training_scales_the_loss_and_skips_steps_that_overflow(prepared, tmp_path, monkeypatch):
     """The scaler path, on the CPU (autocast fp16 + GradScaler('cpu')), as it runs on a T4."""
-    monkeypatch.setattr("training.train.training_precision", lambda requested, device: ("fp16", True))
+    monkeypatch.setattr("training.run.train.training_precision", lambda requested, device: ("fp16", True))
     # probe mode: CPU fp16 kernels are slow, and the scaler's arithmetic is the same for any model
     trainer = Trainer(config(prepared, tmp_path, mode="probe", max_steps=2))
     assert trainer.precision == "fp16" and trainer.scaler.is_enabled()
@@ -192,7 +193,7 @@ def test_half_precision_counts_the_frozen_weight_copies_that_no_saved_tensor_sho
         for precision in ("fp32", "bf16"):
             estimates[mode, precision] = measure_step(trainer.view, trainer.loss, trainer.train_set[0],
                                                       trainer.ctx.device, precision)
-    blocks = build_training_model("paper", "small").encoder.visual.transformer.resblocks
+    blocks = build_training_model(ModelOptions("paper", "small")).encoder.visual.transformer.resblocks
     frozen_half = sum(p.numel() * 2 for p in blocks.parameters() if not p.requires_grad)
     assert estimates["paper", "bf16"].cast_copies == frozen_half > 0
     assert estimates["paper", "fp32"].cast_copies == 0
@@ -292,10 +293,10 @@ def test_a_pickle_payload_is_refused_and_never_runs(prepared, tmp_path, where):
 def test_init_from_a_snapshot_of_another_mode_is_refused(prepared, tmp_path):
     source = Trainer(config(prepared, tmp_path / "probe", mode="probe", max_steps=1))
     source.fit()
-    model = build_training_model("paper-cls", "small")
+    model = build_training_model(ModelOptions("paper-cls", "small"))
     with pytest.raises(SnapshotError, match="does not fit this model"):
         load_weights(model, source.best_path)
-    again = build_training_model("probe", "small")
+    again = build_training_model(ModelOptions("probe", "small"))
     load_weights(again, source.best_path)
     assert torch.equal(again.frame_head[0].weight, source.model.frame_head[0].weight)
 
@@ -303,8 +304,8 @@ def test_init_from_a_snapshot_of_another_mode_is_refused(prepared, tmp_path):
 # ------------------------------------------------------------------------------------------ data
 
 def test_augmented_copies_give_the_offline_x2_epoch(prepared):
-    from training.augment import AugmentConfig, FrameAugment
-    from training.dataset import FrameDataset
+    from training.data.augment import AugmentConfig, FrameAugment
+    from training.data.dataset import FrameDataset
 
     plain = FrameDataset(prepared, "train")
     augment = FrameAugment(AugmentConfig(affine_p=1.0), seed=0)
@@ -338,8 +339,8 @@ def test_prepared_cache_is_keyed_by_everything_that_changes_it(replica, tmp_path
 
 
 def test_reproduce_prepares_once_and_reuses_only_a_matching_preparation(replica, tmp_path, monkeypatch):
-    from training.distributed import DistContext
-    from training.recipes import prepare_once
+    from training.run.distributed import DistContext
+    from training.run.recipes import prepare_once
 
     args = Namespace(data=replica, seed=0, all_sweeps=False, replica=None)
     calls = []
@@ -349,7 +350,7 @@ def test_reproduce_prepares_once_and_reuses_only_a_matching_preparation(replica,
         calls.append(k.get("all_sweeps"))
         return real(*a, **{**k, "progress": False})
 
-    monkeypatch.setattr("training.prepare.prepare", counting)
+    monkeypatch.setattr("training.run.recipes.prepare", counting)  # the name reproduce calls
     prepare_once(args, tmp_path / "p", DistContext())
     prepare_once(args, tmp_path / "p", DistContext())
     assert calls == [False]
@@ -360,7 +361,7 @@ def test_reproduce_prepares_once_and_reuses_only_a_matching_preparation(replica,
 # ------------------------------------------------------------------------------------------ threshold sweep
 
 def test_threshold_sweep_finds_the_f1_best_threshold_and_draws_the_curve(tmp_path):
-    from training.threshold_sweep import run
+    from training.scoring.threshold_sweep import run
 
     rng = np.random.default_rng(0)
     label = np.array([2] * 20 + [0] * 80)
@@ -378,7 +379,7 @@ def test_threshold_sweep_finds_the_f1_best_threshold_and_draws_the_curve(tmp_pat
     assert "F1-best" in (tmp_path / "sweep" / "threshold_sweep.md").read_text()
     np.savez(tmp_path / "cls.npz", index=np.arange(3), mask_fraction=np.full(3, np.nan), p_abdomen=np.ones(3),
              label=np.zeros(3))
-    from training.threshold_sweep import main
+    from training.scoring.threshold_sweep import main
     assert main(["--frames", str(tmp_path / "cls.npz"), "--out", str(tmp_path / "x")]) == 2
 
 
@@ -387,7 +388,7 @@ def test_threshold_sweep_finds_the_f1_best_threshold_and_draws_the_curve(tmp_pat
 @pytest.mark.parametrize("mode", ["paper-cls", "probe"])
 def test_classifier_modes_train_binary_heads_and_export_frame_metrics(prepared, tmp_path, mode):
     from algorithm.model.checkpoint import load_checkpoint
-    from training.evaluate_frames import evaluate_weights
+    from training.scoring.evaluate_frames import evaluate_weights
 
     summary = train(config(prepared, tmp_path / mode, mode=mode, max_steps=1))
     trial = summary["trials"][0]
@@ -413,7 +414,7 @@ def test_segmenting_modes_keep_every_test_frame_for_the_sweep(prepared, tmp_path
 # ------------------------------------------------------------------------------------------ baselines
 
 def test_baselines_are_built_by_name_with_the_published_adaptation():
-    from training.baselines import BASELINES, build_baseline
+    from training.models.baselines import BASELINES, build_baseline
 
     torch.manual_seed(0)
     cnn = build_baseline("mobilenet", None)
@@ -443,7 +444,7 @@ def test_baseline_weights_come_from_a_local_file(tmp_path):
     import timm
     from safetensors.torch import save_file
 
-    from training.baselines import build_baseline
+    from training.models.baselines import build_baseline
 
     torch.manual_seed(1)
     reference = timm.create_model("mobilenetv3_small_100", pretrained=False)
@@ -480,7 +481,7 @@ def test_a_baseline_trains_and_exports_its_trained_tensors(prepared, tmp_path):
 def test_reproduce_under_torchrun_with_two_cpu_processes(tmp_path):
     """The issue's CI command: data prepared once on rank 0, both modes trained with DDP (gloo), scoring and
     the report on rank 0."""
-    from training.replica import write_dataset
+    from training.data.replica import write_dataset
 
     data = tmp_path / "data"
     write_dataset(data, cases=3, frames_per_sweep=12, seed=1, progress=False)

@@ -138,7 +138,7 @@ def sync(device) -> None:
 
 
 def make_case(seed: int, frames_per_sweep: int):
-    from training.replica import generate_case
+    from training.data.replica import generate_case
 
     return generate_case(seed, frames_per_sweep=frames_per_sweep)
 

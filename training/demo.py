@@ -5,7 +5,6 @@ minute without the real dataset or the FetalCLIP weights.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -13,8 +12,9 @@ from pathlib import Path
 
 from algorithm.__main__ import main as run_algorithm
 from algorithm.contract import INPUT_FOLDER
-from training.layout import image_path, stage_case
-from training.replica import write_dataset
+from training.cli import CommandParser, number
+from training.data.layout import image_path, stage_case
+from training.data.replica import MIN_FRAMES_PER_SWEEP, write_dataset
 
 
 def make_case(folder: Path, seed: int, frames_per_sweep: int) -> Path:
@@ -30,11 +30,14 @@ def make_case(folder: Path, seed: int, frames_per_sweep: int) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m training demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--folder", type=Path, default=Path("demo_output"))
-    parser.add_argument("--seed", type=int, default=2025)
-    parser.add_argument("--frames-per-sweep", type=int, default=140)
-    parser.add_argument("--device", default="auto")
+    parser = CommandParser(prog="python -m training demo", description=__doc__.splitlines()[0])
+    parser.add_argument("--folder", type=Path, default=Path("demo_output"),
+                        help="where the case (input/) and the algorithm's outputs (output/) go; a case already "
+                             "there is reused")
+    parser.add_argument("--seed", type=int, default=2025, help="the replica case's seed")
+    parser.add_argument("--frames-per-sweep", type=number(int, minimum=MIN_FRAMES_PER_SWEEP), default=140,
+                        help="frames per sweep of the case (6 sweeps)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     args = parser.parse_args(argv)
     case_dir = make_case(args.folder, args.seed, args.frames_per_sweep)
     output = args.folder / "output"

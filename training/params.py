@@ -7,31 +7,25 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
-from algorithm.runtime import PRECISIONS
-from training.modes import MODES, SPECS, canonical_mode
+from algorithm.runtime import PRECISIONS, DeviceError, choose_precision, resolve_device
+from training.cli import CommandParser, UsageError, existing_file, number
+from training.data.dataset import prepared_folder
+from training.models.modes import FETALCLIP_MODES, FORMER_NAMES, MODES, ModelOptions, mode_argument
 
 
 @dataclass
-class TrainConfig:
-    """Everything one training run depends on; stored in every checkpoint and summary."""
+class TrainConfig(ModelOptions):
+    """Everything one training run depends on; stored in every checkpoint and summary.
 
-    prepared: Path
-    out: Path
-    mode: str = "fixed"  # training.modes.MODES
-    config: str = "full"  # full | small (ModelConfig / ModelConfig.small())
-    fetalclip: Path | None = None  # published FetalCLIP weights (whole-CLIP checkpoint)
+    Its model's part (mode, configuration, FetalCLIP weights, LoRA, baseline backbone) comes from `ModelOptions`."""
+
+    prepared: Path = field(kw_only=True)
+    out: Path = field(kw_only=True)
     init: Path | None = None  # start from these weights (our .safetensors, or a last.pt/best.pt): fine-tuning
-    train_encoder: bool = False  # fixed only: all encoder weights trainable, no LoRA
-    decoder: str | None = None  # fixed only: unetr | separable (None: training.modes.FIXED_DECODER)
-    lora_rank: int = 8
-    lora_alpha: int | None = None  # None: 2 x rank (16 at rank 8, the paper's)
-    backbone: str | None = None  # baseline: a name of training.baselines.BASELINES, timm, or open_clip:ARCH[@TAG]
-    pretrained: str | None = None  # baseline weights: a local file, "hub", or None (random: tests only)
-    adapt: str | None = None  # baseline: lora | full | probe (None: as published)
     epochs: int = 5
     batch_size: int = 32  # frames per optimiser step, all processes together
     augment_copies: int = 2  # augmented copies of every training frame per epoch (the paper's offline x2)
@@ -59,13 +53,13 @@ class TrainConfig:
     # per epoch and positive, extra negatives that run through encoder + frame head only (no decoder pass:
     # ~1/6 of a full step's CPU cost); they teach the head to reject, added to every batch in proportion
     head_negatives_per_positive: float | None = None
-    # Hard-negative mining (training.mining): this fraction of each epoch's negatives is drawn in proportion
+    # Hard-negative mining (training.data.mining): this fraction of each epoch's negatives is drawn in proportion
     # to the frame head's P(abdomen) on a fresh pool of `hard_negative_pool` negatives, from epoch
     # `hard_negatives_from` (0-based) on. 0 = uniform negatives (the paper).
     hard_negatives: float = 0.0
     hard_negative_pool: int = 4096
     hard_negatives_from: int = 0
-    class_weight_power: float | None = None  # None: 0.5, or 0 with the balanced sampler (training.losses)
+    class_weight_power: float | None = None  # None: 0.5, or 0 with the balanced sampler (training.models.losses)
     dice_weight: float = 1.0
     mask_ce_weight: float = 0.0  # paper: Dice only
     frame_weight: float = 1.0
@@ -80,123 +74,178 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(self).items()}
 
-    @property
-    def spec(self):
-        return SPECS[canonical_mode(self.mode)]
-
     def validate(self) -> None:
-        if canonical_mode(self.mode) not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
-        if self.config not in ("full", "small"):
-            raise ValueError(f"config must be full or small, got {self.config!r}")
+        super().validate()
         if self.sampler not in ("uniform", "balanced"):
-            raise ValueError(f"sampler must be uniform or balanced, got {self.sampler!r}")
+            raise UsageError(f"sampler must be uniform or balanced, got {self.sampler!r}")
         if self.schedule not in ("constant", "cosine"):
-            raise ValueError(f"schedule must be constant or cosine, got {self.schedule!r}")
+            raise UsageError(f"schedule must be constant or cosine, got {self.schedule!r}")
         if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+            raise UsageError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.epochs < 1 or self.batch_size < 1 or self.trials < 1:
-            raise ValueError("epochs, batch size and trials must be positive")
+            raise UsageError("epochs, batch size and trials must be positive")
         if self.augment_copies < 0 or self.lora_rank < 1 or (self.accumulate is not None and self.accumulate < 1):
-            raise ValueError("augment copies must be >= 0, LoRA rank and accumulate >= 1")
+            raise UsageError("augment copies must be >= 0, LoRA rank and accumulate >= 1")
         if not 0.0 <= self.hard_negatives <= 1.0:
-            raise ValueError(f"hard_negatives is a fraction in [0, 1], got {self.hard_negatives}")
+            raise UsageError(f"hard_negatives is a fraction in [0, 1], got {self.hard_negatives}")
         if self.hard_negatives and self.negatives_per_positive is None and not self.head_negatives_per_positive:
-            raise ValueError("hard negatives need a negative draw: set negatives_per_positive or "
+            raise UsageError("hard negatives need a negative draw: set negatives_per_positive or "
                              "head_negatives_per_positive (the uniform sampler otherwise shows every frame)")
         if self.hard_negatives and self.sampler != "uniform":
-            raise ValueError("hard negatives go with the uniform sampler (the balanced one draws by class only)")
+            raise UsageError("hard negatives go with the uniform sampler (the balanced one draws by class only)")
         if self.hard_negatives and self.augment and self.augment_copies:
-            raise ValueError("hard negatives score the frames of one pass: use augment_copies 0 with them")
-        if canonical_mode(self.mode) == "baseline" and not self.backbone:
-            raise ValueError("mode baseline needs a backbone (--backbone)")
+            raise UsageError("hard negatives score the frames of one pass: use augment_copies 0 with them")
 
 
 # ------------------------------------------------------------------------------------------ options
 
-def add_schedule_arguments(p: argparse.ArgumentParser) -> None:
-    """How long and how fast: epochs, batch, learning rate, seed, step limit, resuming, CPU threads."""
-    p.add_argument("--epochs", type=int, default=5)
-    p.add_argument("--batch-size", type=int, default=32, help="frames per optimiser step, all processes together")
-    p.add_argument("--lr", type=float, default=3e-4)
-    p.add_argument("--warmup-steps", type=int, default=0)
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--resume", action="store_true", help="continue each trial from its last.pt")
-    p.add_argument("--max-steps", type=int, help="optimiser steps per trial (the epoch reaching it ends early)")
+POSITIVE = number(int, minimum=1)
+COUNT = number(int, minimum=0)
+WEIGHT = number(float, minimum=0)
+NO_FETALCLIP = "none"  # --fetalclip none: a randomly initialised encoder, asked for
 
 
-def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
+def fetalclip_argument(text: str) -> Path | str:
+    """argparse type of --fetalclip: an existing file, or `NO_FETALCLIP`."""
+    return NO_FETALCLIP if text == NO_FETALCLIP else existing_file(text)
+
+
+def add_schedule_arguments(p: Any) -> None:
+    """How long and how fast: epochs, batch, learning rate, seed, step limit, resuming, CPU threads (into a
+    parser or an argument group)."""
+    p.add_argument("--epochs", type=POSITIVE, default=5, help="passes over the training frames")
+    p.add_argument("--batch-size", type=POSITIVE, default=32, help="frames per optimiser step, all processes together")
+    p.add_argument("--lr", type=number(float, above=0), default=3e-4, help="AdamW learning rate")
+    p.add_argument("--warmup-steps", type=COUNT, default=0, help="optimiser steps of linear learning-rate warm-up")
+    p.add_argument("--threads", type=POSITIVE, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the first trial; trial k uses seed + k")
+    p.add_argument("--resume", action="store_true",
+                   help="continue each trial from its last.pt (in OUT.partial after a stopped run, or in OUT)")
+    p.add_argument("--max-steps", type=POSITIVE,
+                   help="optimiser steps per trial; the epoch reaching it ends early (default: no limit)")
+
+
+def add_sampling_arguments(p: Any) -> None:
     """Which frames an epoch shows: negatives per positive (decoded, or through the frame head only), validation."""
-    p.add_argument("--negatives-per-positive", type=float,
-                   help="per epoch: every positive frame plus this many random negatives per positive")
-    p.add_argument("--head-negatives-per-positive", type=float,
-                   help="per epoch: extra negatives per positive through encoder + frame head only (cheap)")
-    p.add_argument("--val-max-frames", type=int, help="fixed validation subset size (positives first)")
+    p.add_argument("--negatives-per-positive", type=WEIGHT,
+                   help="per epoch: every positive frame plus this many random negatives per positive "
+                        "(default: every frame)")
+    p.add_argument("--head-negatives-per-positive", type=WEIGHT,
+                   help="per epoch: extra negatives per positive through encoder + frame head only, cheap "
+                        "(default: none)")
+    p.add_argument("--val-max-frames", type=POSITIVE,
+                   help="fixed validation subset size, positives first (default: every validation frame)")
 
 
-def add_recipe_arguments(p: argparse.ArgumentParser) -> None:
+RECIPE_GROUPS = {"model": "model", "schedule": "schedule", "frames": "frames per epoch", "loss": "loss",
+                 "device": "device, precision and memory"}
+
+
+def recipe_groups(p: argparse.ArgumentParser) -> dict[str, Any]:
+    """The argument groups of the recipe's options, by key of RECIPE_GROUPS (a command adds its own to them)."""
+    return {key: p.add_argument_group(title) for key, title in RECIPE_GROUPS.items()}
+
+
+def add_recipe_arguments(groups: dict[str, Any]) -> None:
     """Options shared by `train` and `reproduce`: the recipe, precision, memory, LoRA, baselines."""
-    p.add_argument("--config", default="full", choices=["full", "small"])
-    p.add_argument("--fetalclip", type=Path, help="FetalCLIP weights (whole-CLIP checkpoint)")
-    p.add_argument("--train-encoder", action="store_true", help="mode fixed: train every encoder weight, no LoRA")
-    p.add_argument("--decoder", choices=["unetr", "separable"], help="mode fixed: its decoder (default: unetr)")
-    p.add_argument("--lora-rank", type=int, default=8)
-    p.add_argument("--lora-alpha", type=int, help="default: 2 x rank (16 at rank 8, the paper's)")
-    add_schedule_arguments(p)
-    p.add_argument("--augment-copies", type=int, default=2,
-                   help="augmented copies of every training frame per epoch (the paper's offline x2); 0: each "
-                        "frame once, augmented")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--precision", default="auto", choices=list(PRECISIONS),
-                   help="auto: bf16 where native (GPU capability >= 8.0, CPUs with bf16 units), fp16 with "
-                        "gradient scaling on older GPUs (T4), fp32 elsewhere")
-    p.add_argument("--accumulate", type=int, help="micro-batches per optimiser step (default: 1, or what fits)")
-    p.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=None,
-                   help="recompute encoder blocks in backward (default: only when the step does not fit)")
-    p.add_argument("--memory-budget-gib", type=float,
-                   help="device memory a step may use (default: the GPU's free memory; none on the CPU)")
-    p.add_argument("--trials", type=int, default=1)
-    add_sampling_arguments(p)
-    p.add_argument("--mask-ce-weight", type=float, default=0.0, help="add pixel cross-entropy to the Dice")
-    p.add_argument("--workers", type=int)
-    p.add_argument("--pretrained", help="mode baseline: backbone weights, a local file or 'hub' (downloads)")
-    p.add_argument("--adapt", choices=["lora", "full", "probe"], help="mode baseline (default: as published)")
+    model, schedule, frames, loss, device = (groups[key] for key in RECIPE_GROUPS)
+    model.add_argument("--config", default="full", choices=["full", "small"],
+                       help="full: FetalCLIP's ViT-L/14 encoder; small: a small network for tests and the CPU")
+    model.add_argument("--fetalclip", type=fetalclip_argument, metavar="PATH|none",
+                       help="the published FetalCLIP weights (whole-CLIP checkpoint) the encoder starts from, or "
+                            f"'{NO_FETALCLIP}' to start from random weights on purpose. --config full refuses to "
+                            "start without one of the two (default: neither)")
+    model.add_argument("--train-encoder", action="store_true", help="mode fixed: train every encoder weight, no LoRA")
+    model.add_argument("--decoder", choices=["unetr", "separable"], help="mode fixed: its decoder (default: unetr)")
+    model.add_argument("--lora-rank", type=POSITIVE, default=8, help="LoRA rank")
+    model.add_argument("--lora-alpha", type=POSITIVE, help="LoRA alpha (default: 2 x rank, 16 at rank 8: the paper's)")
+    model.add_argument("--pretrained",
+                       help="mode baseline: backbone weights, a local file or 'hub' (downloads) (default: random "
+                            "weights, for tests)")
+    model.add_argument("--adapt", choices=["lora", "full", "probe"], help="mode baseline (default: as published)")
+    add_schedule_arguments(schedule)
+    schedule.add_argument("--trials", type=POSITIVE, default=1,
+                          help="trainings with seeds seed .. seed + N - 1; tables give mean and std")
+    frames.add_argument("--augment-copies", type=COUNT, default=2,
+                        help="augmented copies of every training frame per epoch (the paper's offline x2); 0: each "
+                             "frame once, augmented")
+    add_sampling_arguments(frames)
+    loss.add_argument("--mask-ce-weight", type=WEIGHT, default=0.0, help="add pixel cross-entropy to the Dice")
+    device.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    device.add_argument("--precision", default="auto", choices=list(PRECISIONS),
+                        help="auto: bf16 where native (GPU capability >= 8.0, CPUs with bf16 units), fp16 with "
+                             "gradient scaling on older GPUs (T4), fp32 elsewhere")
+    device.add_argument("--accumulate", type=POSITIVE,
+                        help="micro-batches per optimiser step (default: 1, or what fits)")
+    device.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                        help="recompute encoder blocks in backward (default: only when the step does not fit)")
+    device.add_argument("--memory-budget-gib", type=number(float, above=0),
+                        help="device memory a step may use (default: the GPU's free memory; none on the CPU)")
+    device.add_argument("--workers", type=COUNT, help="DataLoader workers (default: 0 on the CPU, 6 on a GPU)")
 
 
 def train_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m training train",
-                                description="Train one mode (training.modes) on prepared frames; write a checkpoint "
-                                            "in algorithm's format.",
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--prepared", type=Path, required=True, help="output of python -m training prepare")
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--mode", default="fixed", choices=list(MODES) + ["cls"], help="cls: the former name of probe")
-    p.add_argument("--backbone",
-                   help="mode baseline: a name of training.baselines.BASELINES, timm, or open_clip:ARCH[@TAG]")
-    add_recipe_arguments(p)
-    p.add_argument("--init", type=Path, help="start from these weights (.safetensors or last.pt/best.pt)")
-    p.add_argument("--weight-decay", type=float, default=0.01)
-    p.add_argument("--schedule", default="constant", choices=["constant", "cosine"])
-    p.add_argument("--clip-grad", type=float)
-    p.add_argument("--no-channels-last", action="store_true", help="keep NCHW tensors")
-    p.add_argument("--no-augment", action="store_true")
-    p.add_argument("--sampler", default="uniform", choices=["uniform", "balanced"])
-    p.add_argument("--hard-negatives", type=float, default=0.0,
-                   help="fraction of each epoch's negatives drawn by the frame head's P(abdomen) (training.mining)")
-    p.add_argument("--hard-negative-pool", type=int, default=4096, help="negatives scored per epoch for mining")
-    p.add_argument("--hard-negatives-from", type=int, default=0, help="first epoch (0-based) that mines")
-    p.add_argument("--class-weight-power", type=float,
-                   help="frame-head CE weights (N/(K n_c))**power; default 0.5 (0 with --sampler balanced)")
-    p.add_argument("--dice-weight", type=float, default=1.0)
-    p.add_argument("--frame-weight", type=float, default=1.0)
-    p.add_argument("--eval-batch-size", type=int)
-    p.add_argument("--deterministic", action="store_true")
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--replica", action=argparse.BooleanOptionalAction, default=None,
-                   help="say in the provenance that the data is the replica (default: from the manifest)")
-    p.add_argument("--note", default="", help="appended to the checkpoint's provenance")
+    p = CommandParser(prog="python -m training train", usage="%(prog)s --prepared DIR --out DIR [options]",
+                      description="Train one mode (training.models.modes) on prepared frames; write a checkpoint "
+                                  "in algorithm's format.")
+    p.add_argument("--prepared", type=prepared_folder, required=True, help="output of python -m training prepare")
+    p.add_argument("--out", type=Path, required=True,
+                   help="the run's folder; written as OUT.partial until the run is complete")
+    groups = recipe_groups(p)
+    model, schedule, frames, loss, device = (groups[key] for key in RECIPE_GROUPS)
+    model.add_argument("--mode", default="fixed", type=mode_argument, choices=MODES,
+                       help=f"what to train (training.models.modes); {FORMER_NAMES}")
+    model.add_argument("--backbone",
+                       help="mode baseline (which needs one): a name of training.models.baselines.BASELINES, timm, "
+                            "or open_clip:ARCH[@TAG] (default: none)")
+    add_recipe_arguments(groups)
+    model.add_argument("--init", type=existing_file,
+                       help="start from these weights, .safetensors or last.pt / best.pt (default: FetalCLIP's, or "
+                            "random)")
+    schedule.add_argument("--weight-decay", type=WEIGHT, default=0.01, help="AdamW weight decay")
+    schedule.add_argument("--schedule", default="constant", choices=["constant", "cosine"],
+                          help="learning rate after warm-up: constant (the paper's), or cosine decay")
+    schedule.add_argument("--clip-grad", type=number(float, above=0),
+                          help="clip the gradient norm (default: no clipping)")
+    frames.add_argument("--no-augment", action="store_true", help="train on the frames as prepared")
+    frames.add_argument("--sampler", default="uniform", choices=["uniform", "balanced"],
+                        help="balanced: class-balanced draws, with replacement")
+    frames.add_argument("--hard-negatives", type=number(float, minimum=0, maximum=1), default=0.0,
+                        help="fraction of each epoch's negatives drawn by the frame head's P(abdomen) "
+                             "(training.data.mining)")
+    frames.add_argument("--hard-negative-pool", type=POSITIVE, default=4096,
+                        help="negatives scored per epoch for mining")
+    frames.add_argument("--hard-negatives-from", type=COUNT, default=0, help="first epoch (0-based) that mines")
+    loss.add_argument("--class-weight-power", type=WEIGHT,
+                      help="frame-head CE weights (N/(K n_c))**power (default: 0.5, or 0 with --sampler balanced)")
+    loss.add_argument("--dice-weight", type=WEIGHT, default=1.0, help="weight of the mask's Dice loss")
+    loss.add_argument("--frame-weight", type=WEIGHT, default=1.0, help="weight of the frame head's loss")
+    device.add_argument("--no-channels-last", action="store_true", help="keep NCHW tensors")
+    device.add_argument("--eval-batch-size", type=POSITIVE,
+                        help="frames per evaluation pass (default: the micro-batch)")
+    device.add_argument("--deterministic", action="store_true", help="deterministic torch algorithms (slower)")
+    output = p.add_argument_group("output")
+    output.add_argument("--no-progress", action="store_true", help="no progress bars")
+    output.add_argument("--replica", action=argparse.BooleanOptionalAction, default=None,
+                        help="say in the provenance that the data is the replica (default: from the manifest)")
+    output.add_argument("--note", default="", help="appended to the checkpoint's provenance (default: nothing)")
     return p
+
+
+def check_fetalclip(args: argparse.Namespace, modes: Sequence[str]) -> None:
+    """--config full trains FetalCLIP's encoder: without its weights, or `--fetalclip none`, it would train a
+    random frozen encoder for hours by mistake, so refuse to start."""
+    if args.fetalclip is None and args.config == "full" and any(mode in FETALCLIP_MODES for mode in modes):
+        raise UsageError(f"--config full trains on FetalCLIP's encoder: give its weights (--fetalclip PATH), or "
+                         f"--fetalclip {NO_FETALCLIP} to train from random weights on purpose")
+
+
+def check_device(device: str, precision: str) -> None:
+    """Refuse a device or precision this machine cannot give before anything starts."""
+    try:
+        choose_precision(precision, resolve_device(device))
+    except (ValueError, DeviceError) as error:
+        raise UsageError(str(error)) from None
 
 
 def schedule_from_args(args: argparse.Namespace) -> dict[str, Any]:
@@ -213,7 +262,8 @@ def sampling_from_args(args: argparse.Namespace) -> dict[str, Any]:
 
 def recipe_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """The TrainConfig fields `add_recipe_arguments` declares."""
-    return dict(config=args.config, fetalclip=args.fetalclip, train_encoder=args.train_encoder,
+    fetalclip = None if args.fetalclip == NO_FETALCLIP else args.fetalclip
+    return dict(config=args.config, fetalclip=fetalclip, train_encoder=args.train_encoder,
                 decoder=args.decoder, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
                 augment_copies=args.augment_copies, device=args.device, precision=args.precision,
                 accumulate=args.accumulate, grad_checkpointing=args.grad_checkpointing,
@@ -223,8 +273,10 @@ def recipe_from_args(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The TrainConfig of `python -m training train` (refusing --config full without --fetalclip)."""
+    check_fetalclip(args, [args.mode])
     return TrainConfig(
-        prepared=args.prepared, out=args.out, mode=canonical_mode(args.mode), backbone=args.backbone,
+        prepared=args.prepared, out=args.out, mode=args.mode, backbone=args.backbone,
         init=args.init, **recipe_from_args(args),
         weight_decay=args.weight_decay, schedule=args.schedule,
         clip_grad=args.clip_grad, channels_last=not args.no_channels_last,

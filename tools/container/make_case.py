@@ -3,7 +3,7 @@
     python tools/container/make_case.py --source DIR --case-dir test/cases/normal
 
 `--source` is a folder written by `python -m training replica --cases 1` (public release layout). The case
-folder gets the image staged by `training.layout.stage_case` (moved into the input socket's folder, with an
+folder gets the image staged by `training.data.layout.stage_case` (moved into the input socket's folder, with an
 inputs.json like the one grand-challenge writes for a job) under `<case-dir>/input/`, and the replica's
 annotation, when it wrote one, under `<case-dir>/reference/` (not mounted).
 """
@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository, when run as a script
 
-from training.layout import IMAGES_DIR, MASKS_DIR, stage_case  # noqa: E402
+from training.data.layout import IMAGES_DIR, MASKS_DIR, stage_case  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,7 +2,7 @@
 scorer: hand-built ones for each of its rules and quirks, and random ones.
 
 `write_cases(cases, ground_truth, predictions)` writes them in the public release layout and the
-per-case output layout `training.evaluate` reads. A case's uuid is its name.
+per-case output layout `training.scoring.evaluate` reads. A case's uuid is its name.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import SimpleITK as sitk
 
 from algorithm.biometry import circumference_mm
 from algorithm.config import PIXEL_SPACING_MM, STACK_SPACING_MM
-from training import layout
+from training.data import layout
 
 FRAMES, H, W = 840, 562, 744
 SWEEP = FRAMES // 6

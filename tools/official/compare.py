@@ -99,7 +99,7 @@ def main() -> int:
         sys.path[:0] = [str(REPO), str(HERE)]
         from cases import hand_built, random_cases, write_cases
 
-        from training.evaluate import read_fov_mask
+        from training.scoring.evaluate import read_fov_mask
 
         fov = read_fov_mask(args.checkout / "data" / "fov_mask.mha")
         cases = ([] if args.no_hand_built else hand_built(fov)) + random_cases(fov, args.random, args.seed)

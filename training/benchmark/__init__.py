@@ -7,7 +7,7 @@ Runners (one module each, loaded only when used):
   docker           `docker.DockerRunner`: the submission image, one restricted `docker run` per case
   grand-challenge  `grand_challenge.GrandChallengeRunner`: one algorithm job per case through gcapi
 The loop they share (resume, failures, timings, progress) is `core.run_benchmark`; case discovery and the
-output layout `cases`; scoring and report.md `report`; Bland-Altman `training.agreement`.
+output layout `cases`; scoring and report.md `report`; Bland-Altman `training.scoring.agreement`.
 
 This package imports nothing heavy at import time, so `python -m training.benchmark.docker` (the shared
 `docker run` options) stays fast.

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from algorithm.options import add_inference_options, add_weights_option
+from training.cli import CommandParser, number
 
 from . import DEFAULT_IMAGE, RUNNERS
 from .cases import discover_cases
@@ -27,22 +28,23 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m training benchmark", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog=__doc__.split("\n\n", 2)[2])
+    parser = CommandParser(prog="python -m training benchmark", description=__doc__.split("\n\n")[0],
+                           epilog=__doc__.split("\n\n", 2)[2])
     parser.add_argument("--cases", type=Path, required=True,
                         help="release-layout folder (images/stacked_fetal_ultrasound/<uuid>.mha) or a folder of .mha")
     parser.add_argument("--out", type=Path, required=True, help="output folder (predictions/<uuid>/, report.md, ...)")
     parser.add_argument("--ground-truth", type=Path,
-                        help="release-layout folder with masks/ and the circumferences CSV: score and write report.md")
-    parser.add_argument("--runner", choices=RUNNERS, default="local")
-    parser.add_argument("--limit", type=int, help="only the first N cases (sorted by id)")
-    parser.add_argument("--jobs", type=int, default=None,
+                        help="release-layout folder with masks/ and the circumferences CSV: score and write "
+                             "report.md (default: no scoring)")
+    parser.add_argument("--runner", choices=RUNNERS, default="local", help="where the algorithm runs")
+    parser.add_argument("--limit", type=number(int, minimum=1),
+                        help="only the first N cases, sorted by id (default: every case)")
+    parser.add_argument("--jobs", type=number(int, minimum=1), default=None,
                         help="cases at once: containers (docker, default 1) or jobs in flight (grand-challenge, "
                              "default 4); the local runner runs one case at a time")
-    parser.add_argument("--worst", type=int, default=5, help="worst cases to draw in the report")
+    parser.add_argument("--worst", type=number(int, minimum=0), default=5, help="worst cases to draw in the report")
     parser.add_argument("--report-only", action="store_true", help="do not run anything: score and report OUT")
-    parser.add_argument("--max-consecutive-failures", type=int, default=10,
+    parser.add_argument("--max-consecutive-failures", type=number(int, minimum=0), default=10,
                         help="stop after this many failures in a row (0: never)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (one log line per case)")
     parser.add_argument("--quiet", action="store_true", help="warnings and errors only")
@@ -55,17 +57,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     docker = parser.add_argument_group("docker runner")
     docker.add_argument("--image", default=DEFAULT_IMAGE, help=f"image tag (default {DEFAULT_IMAGE})")
     docker.add_argument("--memory", default="15g", help="container memory limit (default 15g)")
-    docker.add_argument("--case-timeout", type=float, default=1200, help="seconds per container (default 1200)")
+    docker.add_argument("--case-timeout", type=number(float, above=0), default=1200,
+                        help="seconds per container (default 1200)")
 
     gc = parser.add_argument_group("grand-challenge runner (token: GRAND_CHALLENGE_AUTHORIZATION)")
-    gc.add_argument("--algorithm", help="algorithm slug, as in https://grand-challenge.org/algorithms/<slug>/")
-    gc.add_argument("--base-url", default="https://grand-challenge.org/api/v1/")
-    gc.add_argument("--ca-bundle", help="CA certificate file to verify the site with (a test server, a proxy)")
-    gc.add_argument("--poll-interval", type=float, default=15.0, help="seconds between job status checks")
-    gc.add_argument("--job-timeout", type=float, default=3 * 3600, help="give up waiting for a job after (s)")
-    gc.add_argument("--retries", type=int, default=5,
+    gc.add_argument("--algorithm",
+                    help="algorithm slug, as in https://grand-challenge.org/algorithms/<slug>/ (default: none; the "
+                         "grand-challenge runner needs one)")
+    gc.add_argument("--base-url", default="https://grand-challenge.org/api/v1/", help="the site's API")
+    gc.add_argument("--ca-bundle",
+                    help="CA certificate file to verify the site with, for a test server or a proxy (default: the "
+                         "system's)")
+    gc.add_argument("--poll-interval", type=number(float, above=0), default=15.0,
+                    help="seconds between job status checks")
+    gc.add_argument("--job-timeout", type=number(float, above=0), default=3 * 3600,
+                    help="give up waiting for a job after this many seconds")
+    gc.add_argument("--retries", type=number(int, minimum=0), default=5,
                     help="retries per step on timeouts, dropped connections, 5xx and 429 (default 5)")
-    gc.add_argument("--retry-delay", type=float, default=2.0,
+    gc.add_argument("--retry-delay", type=number(float, minimum=0), default=2.0,
                     help="seconds before the first retry, doubled each time up to 120 (default 2)")
     return parser.parse_args(argv)
 

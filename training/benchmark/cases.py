@@ -1,9 +1,9 @@
 """Which cases a benchmark runs, where their outputs go, and when a case counts as done.
 
 Inputs: a folder in the public release layout (`images/stacked_fetal_ultrasound/<uuid>.mha`, see
-`training.layout`) or a flat folder of images; the case id is the file name without its suffix.
+`training.data.layout`) or a flat folder of images; the case id is the file name without its suffix.
 
-Outputs: `OUT/predictions/<uuid>/` laid out like the algorithm's /output (what `training.evaluate`
+Outputs: `OUT/predictions/<uuid>/` laid out like the algorithm's /output (what `training.scoring.evaluate`
 reads). A case is written into `OUT/.staging/<uuid>/` first and moved into place with one rename when
 it is complete, so a crash or Ctrl-C never leaves a half-written case under `predictions/`; anything in
 `predictions/` that is nevertheless incomplete (e.g. written by hand or by an older tool) is redone.
@@ -17,7 +17,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from training import layout
+from training.data import layout
 
 IMAGE_SUFFIXES = (".mha", ".mhd", ".nii.gz", ".nii", ".tif", ".tiff")
 PREDICTIONS = "predictions"
@@ -149,7 +149,7 @@ def read_json(path: Path, default: object) -> object:
 def ground_truth_subset(ground_truth: Path, uuids: list[str], dest: Path) -> tuple[Path, list[str]]:
     """A release-layout view of `ground_truth` restricted to `uuids` (symlinks; the CSV filtered).
 
-    `training.evaluate` scores every ground-truth case it finds; a benchmark of some cases (`--limit`, a
+    `training.scoring.evaluate` scores every ground-truth case it finds; a benchmark of some cases (`--limit`, a
     subset folder) must be scored on those only. Returns (folder, uuids without a ground-truth mask).
     """
     ground_truth = Path(ground_truth).resolve()

@@ -1,8 +1,8 @@
 """Docker runner: the built submission image, one `docker run` per case, the way grand-challenge runs it.
 
 Each case is staged as grand-challenge mounts /input (the image in its socket's folder plus an `inputs.json`
-naming the socket: `training.layout.stage_case`) and run with the restrictions of tools/run_container.sh: no network,
-read-only /input, read-only root file system with a fresh /tmp volume, a memory limit, all capabilities
+naming the socket: `training.data.layout.stage_case`) and run with the restrictions of tools/run_container.sh:
+no network, read-only /input, read-only root file system with a fresh /tmp volume, a memory limit, all capabilities
 dropped, no-new-privileges, the image's own non-root user, `--gpus all` only where `nvidia-smi` works,
 and the weights (when given) mounted read-only at /opt/ml/model like grand-challenge's model tarball.
 
@@ -34,6 +34,10 @@ import time
 import uuid as uuidlib
 from pathlib import Path
 
+from algorithm.contract import INPUT_FOLDER, INPUTS_JSON
+from algorithm.weights_location import resolve_weights
+from training.data.layout import stage_case
+
 from . import DEFAULT_IMAGE
 from .cases import Case
 
@@ -64,9 +68,6 @@ def docker_run_command(image: str, input_dir: Path, output_dir: Path, *, tmp_vol
 
 def stage_input(image: Path, input_dir: Path) -> Path:
     """Lay one image out as grand-challenge mounts /input, readable by any user; returns `input_dir`."""
-    from algorithm.contract import INPUT_FOLDER, INPUTS_JSON
-    from training.layout import stage_case
-
     readable = os.stat(image).st_mode & 0o004
     target = stage_case(image, input_dir, how="link" if readable else "copy")
     if not readable or target.stat().st_ino != os.stat(image).st_ino:
@@ -143,8 +144,6 @@ class DockerRunner:
         if user.isdigit() and group.isdigit():
             self.user = (int(user), int(group))
         if self.weights is not None:
-            from algorithm.weights_location import resolve_weights
-
             weights = resolve_weights(self.weights)
             self.model_dir = self.out / ".docker-model"
             shutil.rmtree(self.model_dir, ignore_errors=True)

@@ -39,16 +39,24 @@ import logging
 import os
 import random
 import re
+import shutil
 import threading
 import time
 import traceback
 from dataclasses import dataclass
+from importlib.metadata import version
 from pathlib import Path
 from typing import Callable, TypeVar
 from urllib.parse import quote, quote_plus
 
+import gcapi
+import httpx
+from gcapi import SocketValueSpec
+from gcapi.exceptions import ObjectNotFound
+from gcapi.models import HyperlinkedJob, ImageTypeEnum
+
 from algorithm.contract import FRAME_SLUG, INPUT_SLUG, MASK_SLUG
-from training import layout
+from training.data import layout
 
 from .cases import Case, read_json, write_json_atomic
 
@@ -84,8 +92,6 @@ class RetryPolicy:
 
 def is_transient(error: BaseException) -> bool:
     """Worth retrying: timeouts, dropped connections, 5xx, 429, 408."""
-    import httpx
-
     if isinstance(error, httpx.HTTPStatusError):
         code = error.response.status_code
         return code >= 500 or code in (408, 425, 429)
@@ -95,8 +101,6 @@ def is_transient(error: BaseException) -> bool:
 
 
 def http_status(error: BaseException) -> int | None:
-    import httpx
-
     return error.response.status_code if isinstance(error, httpx.HTTPStatusError) else None
 
 
@@ -208,11 +212,6 @@ class GrandChallengeRunner:
     # ------------------------------------------------------------------------------------ preflight
 
     def start(self) -> dict:
-        from importlib.metadata import version
-
-        import gcapi
-        from gcapi.exceptions import ObjectNotFound
-
         if not self._token:
             raise FatalError(f"set {TOKEN_ENV} to a grand-challenge API token "
                              "(https://grand-challenge.org/settings/api-tokens/)")
@@ -252,8 +251,6 @@ class GrandChallengeRunner:
     # ------------------------------------------------------------------------------------ one case
 
     def _start_job(self, case: Case) -> str:
-        from gcapi import SocketValueSpec
-
         job = self._call(f"{case.uuid}: upload and start job", lambda: self.client.start_algorithm_job(
             algorithm_slug=self.algorithm,
             inputs=[SocketValueSpec(socket_slug=INPUT_SLUG, file=case.image)]))
@@ -285,10 +282,6 @@ class GrandChallengeRunner:
                 raise Stopped(f"job {pk}")
 
     def _download(self, case: Case, data: dict, staging: Path) -> None:
-        import shutil
-
-        from gcapi.models import HyperlinkedJob, ImageTypeEnum
-
         job = HyperlinkedJob(**data)
         outputs = {value.interface.slug: value for value in job.outputs}
         absent = [slug for slug in (MASK_SLUG, FRAME_SLUG) if slug not in outputs]

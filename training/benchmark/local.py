@@ -12,8 +12,8 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-from algorithm.run import load, process_case
 from algorithm.contract import read_stack
+from algorithm.run import load, process_case
 from algorithm.weights_location import resolve_weights
 
 from .cases import Case

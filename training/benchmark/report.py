@@ -1,10 +1,10 @@
 """Score a benchmark's predictions and write OUT/report.md with its figures.
 
-* scores.json: `training.evaluate.evaluate` on the benchmarked cases only (a ground-truth view restricted
+* scores.json: `training.scoring.evaluate.evaluate` on the benchmarked cases only (a ground-truth view restricted
   to them, so `--limit` or a subset folder is not scored as if the rest had failed);
 * the challenge score (mean and per case) and its three parts, the frame-choice outcome counts;
-* AC agreement: Bland-Altman of predicted vs reference AC (`training.agreement`) over the cases where
-  both exist. The reference is the one `training.evaluate` uses for NAE_AC: the sonographer's AC of the
+* AC agreement: Bland-Altman of predicted vs reference AC (`training.scoring.agreement`) over the cases where
+  both exist. The reference is the one `training.scoring.evaluate` uses for NAE_AC: the sonographer's AC of the
   sweep that holds the chosen frame. Cases without a chosen frame, a fittable ellipse or a reference AC on
   that sweep are left out and counted;
 * the worst cases (lowest score): the chosen frame with the predicted mask (green) and its ellipse (red)
@@ -20,10 +20,18 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 import SimpleITK as sitk
 
-from training import layout
+from algorithm.biometry import fit_ellipse
+from algorithm.config import PIXEL_SPACING_MM
+from algorithm.fov import fov_from_stack
+from algorithm.report import draw_frame, write_png
+from training.data import layout
+from training.scoring.agreement import plot_bland_altman
+from training.scoring.evaluate import evaluate, read_mask_frame, read_reference_acs
+from training.scoring.metrics import GT_OPTIMAL, FrameAnnotations, nearest_annotated_frame, sweep_length_of
 
 from .cases import ground_truth_subset, mask_files, write_json_atomic
 from .core import FAILURES, RUN, TIMINGS
@@ -49,8 +57,6 @@ def _stats(values: list[float]) -> tuple[float, float, float, float]:
 
 def _reference_frame(labels: np.ndarray, chosen: int) -> tuple[int | None, str]:
     """The annotated frame to show beside the chosen one, and how it was picked."""
-    from training.metrics import GT_OPTIMAL, FrameAnnotations, nearest_annotated_frame, sweep_length_of
-
     annotations = FrameAnnotations.from_stack(labels)
     if not annotations.annotated.any():
         return None, "case has no annotated frame"
@@ -69,15 +75,6 @@ def case_figure(image_path: Path, labels_path: Path | None, prediction_dir: Path
     """Chosen frame + predicted mask | reference frame + reference mask, with a caption line above (BGR).
 
     `reference_acs`: the case's reference AC per sweep (mm), to label the reference frame's sweep."""
-    import cv2
-
-    from algorithm.biometry import fit_ellipse
-    from algorithm.config import PIXEL_SPACING_MM
-    from algorithm.fov import fov_from_stack
-    from algorithm.report import draw_frame
-    from training.evaluate import read_mask_frame
-    from training.metrics import GT_OPTIMAL, sweep_length_of
-
     image = sitk.ReadImage(str(image_path), sitk.sitkUInt8)
     stack = sitk.GetArrayViewFromImage(image)
     fov = fov_from_stack(stack)
@@ -127,10 +124,6 @@ def case_figure(image_path: Path, labels_path: Path | None, prediction_dir: Path
 def write_report(out: Path, ground_truth: Path, uuids: list[str], cases_dir: Path | None = None,
                  images: dict[str, Path] | None = None, worst: int = 5, title: str = "") -> dict:
     """Score, draw and write OUT/report.md; returns {"scores", "agreement", "report"}."""
-    from algorithm.report import write_png
-    from training.agreement import plot_bland_altman
-    from training.evaluate import evaluate, read_reference_acs
-
     out = Path(out)
     figures = out / FIGURES
     figures.mkdir(parents=True, exist_ok=True)
@@ -166,7 +159,7 @@ def write_report(out: Path, ground_truth: Path, uuids: list[str], cases_dir: Pat
               f"failed job): {len(missing)}", ""]
 
     lines += ["## Score", "", "Challenge score per case = 0.5 (1 - NAE_AC) + 0.25 WFSS + 0.25 DSC_soft "
-              "(metric definitions: `training/metrics.py`).", ""]
+              "(metric definitions: `training/scoring/metrics.py`).", ""]
     if cases:
         lines += ["| metric | mean | median | min | max |", "|---|---:|---:|---:|---:|"]
         for key, name, digits in METRICS:

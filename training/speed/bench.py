@@ -47,8 +47,8 @@ from algorithm.search import FrameSearch
 from training.speed.measure import (PeakRSS, activation_bytes_per_frame, count_flops, cuda_peak, device_name,
                                     gpu_peak_tflops, memory_estimate)
 from training.speed.oracle import LabelOracle
-from training.metrics import case_score
-from training.replica import generate_case
+from training.scoring.metrics import case_score
+from training.data.replica import generate_case
 from training.speed.reference import ReferenceNetwork, ReferenceSearch
 
 BUNDLED_WEIGHTS = Path(algorithm.__file__).resolve().parent / "weights"

@@ -3,7 +3,7 @@
 What the leaderboard runs is `DIAGNijmegen/ACOUSLIC-AI-evaluation-method` (main, ebf14b3, July 2024). This
 module re-derives its per-case results from its behaviour, quirks included, so that a local score predicts
 the leaderboard's to 1e-9 (checked against that code by `test/test_official.py` when a checkout is at
-hand). The project's own metrics (`training.metrics`) follow the challenge's definitions instead; the
+hand). The project's own metrics (`training.scoring.metrics`) follow the challenge's definitions instead; the
 README lists where the two differ. What the official scorer does, per case:
 
 * **Frame.** Sweeps are fixed blocks of 140 frames (here n_frames // 6, the same for the 840-frame stacks
@@ -20,7 +20,7 @@ README lists where the two differ. What the official scorer does, per case:
   sweep within 15 frames when there is one, else the next; its unmasked ground truth gives
   Dice x (1 - |d| / 15) and HD x d with the signed d = nearest - chosen; none within 15: HD = 744 x 15
   and DSC_soft = the chosen frame's Dice (0).
-* **WFSS**: as `training.metrics.wfss`.
+* **WFSS**: as `training.scoring.metrics.wfss`.
 * **NAE_AC** = |ref - pred| / max(ref, pred, 1e-6), or 1 when either AC is missing, with the ellipse fit
   below.
 """
@@ -36,7 +36,7 @@ import SimpleITK as sitk
 
 from algorithm.biometry import Ellipse
 from algorithm.config import PIXEL_SPACING_MM, SWEEPS_PER_CASE
-from training.metrics import MAX_FRAME_DISTANCE, FrameAnnotations, sweep_length_of, wfss
+from training.scoring.metrics import MAX_FRAME_DISTANCE, FrameAnnotations, sweep_length_of, wfss
 
 # The official scorer's constants.
 HD_PENALTY_PX = 744 * MAX_FRAME_DISTANCE  # "maximum sweep width x frame tolerance", whatever the width

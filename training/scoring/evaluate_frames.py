@@ -10,11 +10,11 @@ scored from the same forward pass:
 * head (FetalCLIPCLS view): positive when the frame head says abdomen: argmax suboptimal or optimal for
   a three-class head, sigmoid >= 0.5 for a one-output head.
 
-Reported per rule: accuracy, F1, precision, recall, specificity (`training.metrics.frame_level_metrics`),
+Reported per rule: accuracy, F1, precision, recall, specificity (`training.scoring.metrics.frame_level_metrics`),
 with the trainable parameter count of the model. `FrameStats` accumulates the losses and confusion counts
 batch by batch, so a split never has to fit in memory, and sums across ranks under torch.distributed; with
 `keep_frames` it also keeps every frame's mask fraction and P(abdomen) (gathered on rank 0), which the
-threshold sweep (training.threshold_sweep) reads.
+threshold sweep (training.scoring.threshold_sweep) reads.
 """
 from __future__ import annotations
 
@@ -33,11 +33,14 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from algorithm.config import FRAME_NONE, InferenceConfig
-from algorithm.runtime import autocast
-from training.dataset import FrameDataset
-from training.losses import DiceSums, LossWeights, dice_sums, frame_loss
-from training.metrics import frame_level_metrics
-from training.modes import SPECS
+from algorithm.model.checkpoint import load_checkpoint
+from algorithm.model.fetalclipseg import effective_parameters, trainable_parameters
+from algorithm.runtime import autocast, choose_precision, resolve_device
+from training.cli import CommandParser, existing_file, number, run_command
+from training.data.dataset import FrameDataset, prepared_folder
+from training.models.losses import DiceSums, LossWeights, dice_sums, frame_loss
+from training.models.modes import SPECS, canonical_mode
+from training.scoring.metrics import frame_level_metrics
 
 # The paper's frame-level figures (He, Wang, Yaqub 2025, arXiv 2507.22802), for side-by-side tables.
 PAPER_FRAME_TABLE: dict[str, dict[str, float | None]] = {
@@ -246,11 +249,6 @@ def evaluate_weights(weights: Path, prepared: Path, split: str = "test", device:
                      batch_size: int = 32, workers: int = 0, precision: str = "auto",
                      progress: bool = True) -> dict[str, Any]:
     """Load a checkpoint in algorithm's format and score it on a prepared split."""
-    from algorithm.runtime import resolve_device
-    from algorithm.model.checkpoint import load_checkpoint
-    from algorithm.model.fetalclipseg import effective_parameters, trainable_parameters
-    from algorithm.runtime import choose_precision
-
     dev = resolve_device(device)
     model, info = load_checkpoint(weights, device=dev)
     dataset = FrameDataset(prepared, split)
@@ -265,26 +263,31 @@ def evaluate_weights(weights: Path, prepared: Path, split: str = "test", device:
     extra = info.extra or {}
     trainable = int(extra.get("trainable_parameters", trainable_parameters(model)))
     effective = extra.get("effective_trainable_parameters", effective_parameters(model))
-    use_mask = model.decoder is not None and extra.get("mode") != "cls"  # "cls": the probe's former name
+    mode = canonical_mode(str(extra.get("mode", "")))  # as recorded at training: a former name in older weights
+    use_mask = model.decoder is not None and (mode not in SPECS or SPECS[mode].segments)
     report = frame_report(stats, trainable, effective, use_mask=use_mask)
     report.update(weights=str(weights), split=split, provenance=info.provenance)
     return report
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m training evaluate-frames", description=__doc__.splitlines()[0])
-    parser.add_argument("--prepared", type=Path, required=True)
-    parser.add_argument("--weights", type=Path, required=True)
-    parser.add_argument("--split", default="test", choices=["train", "val", "test"])
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--workers", type=int, default=0)
+    parser = CommandParser(prog="python -m training evaluate-frames", description=__doc__.splitlines()[0])
+    parser.add_argument("--prepared", type=prepared_folder, required=True, help="output of python -m training prepare")
+    parser.add_argument("--weights", type=existing_file, required=True, help="a checkpoint in algorithm's format")
+    parser.add_argument("--split", default="test", choices=["train", "val", "test"], help="the split to score")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--batch-size", type=number(int, minimum=1), default=32, help="frames per forward pass")
+    parser.add_argument("--workers", type=number(int, minimum=0), default=0, help="DataLoader workers")
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
                         help="auto: bf16 where native (GPU capability >= 8.0, CPUs with bf16 units), fp16 on "
                              "older GPUs, fp32 elsewhere (algorithm.runtime)")
-    parser.add_argument("--json", type=Path)
-    parser.add_argument("--markdown", type=Path)
+    parser.add_argument("--json", type=Path, help="also write the report here (default: printed only)")
+    parser.add_argument("--markdown", type=Path, help="also write the table here (default: printed only)")
     args = parser.parse_args(argv)
+    return run_command(lambda: _evaluate_frames_command(args))
+
+
+def _evaluate_frames_command(args: argparse.Namespace) -> int:
     report = evaluate_weights(args.weights, args.prepared, args.split, args.device, args.batch_size,
                               args.workers, args.precision)
     table = markdown_table(table_rows(args.weights.stem, report))

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import logging
 from dataclasses import asdict, dataclass
@@ -35,6 +36,14 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
+
+from algorithm.runtime import choose_precision
+from training.cli import CommandParser, UsageError, number, run_command
+from training.models.build import build_training_model
+from training.models.losses import SegLoss, class_weights
+from training.models.modes import MODES, ModelOptions, mode_argument
+from training.params import POSITIVE
+from training.run.step import TrainView, make_step
 
 log = logging.getLogger("training")
 
@@ -181,6 +190,13 @@ def estimate_step_memory(model: nn.Module, step: Callable[[int], torch.Tensor],
                           cast_copies=cast_copies)
 
 
+def measure_step(view: TrainView, loss: SegLoss, sample: tuple[torch.Tensor, ...], device: torch.device,
+                 precision: str, channels_last: bool = True) -> MemoryEstimate:
+    """The estimate of a training step of `view` + `loss` (`estimate_step_memory`), measured on copies of `sample`."""
+    return estimate_step_memory(view.model, make_step(view, loss, sample, device, precision, channels_last),
+                                half_precision=precision in ("bf16", "fp16"))
+
+
 def _divisors(n: int) -> Iterable[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
@@ -195,7 +211,7 @@ def plan_memory(estimate: MemoryEstimate, batch_per_process: int, budget_bytes: 
     (CPU) nothing is adapted. When nothing fits, the smallest set-up is returned with fits False.
     """
     if accumulate is not None and (accumulate < 1 or batch_per_process % accumulate):
-        raise ValueError(f"--accumulate {accumulate} does not divide the batch of {batch_per_process} per process")
+        raise UsageError(f"--accumulate {accumulate} does not divide the batch of {batch_per_process} per process")
     if grad_checkpointing is not None:
         checkpointing_options = [grad_checkpointing]
     else:
@@ -249,8 +265,6 @@ def measure_step_peak(model: nn.Module, step: Callable[[int], torch.Tensor], mic
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)
     else:
-        import gc
-
         gc.collect()
         with open("/proc/self/clear_refs", "w") as fh:
             fh.write("5")  # resets VmHWM to the current resident size
@@ -272,23 +286,16 @@ def measure_step_peak(model: nn.Module, step: Callable[[int], torch.Tensor], mic
 
 def run_memory_command(args: argparse.Namespace) -> int:
     """Build a mode (random weights), measure its step and plan it for a budget."""
-    import torch
-
-    from algorithm.runtime import choose_precision
-    from training.losses import SegLoss, class_weights
-    from training.modes import SPECS, build_training_model, canonical_mode
-    from training.train import TrainView, make_step, measure_step
-
-    mode = canonical_mode(args.mode)
     device = torch.device(args.device)
     # fp16 on the CPU (planning for a GPU without native bf16 from a machine without one): autocast to bf16
     # instead, which keeps the same two bytes per activation
     precision = "bf16" if device.type == "cpu" and args.precision == "fp16" else choose_precision(args.precision, device)
     torch.manual_seed(0)
-    model = build_training_model(mode, args.config, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
-                                 decoder=args.decoder, backbone=args.backbone, pretrained=None).to(device)
+    options = ModelOptions(args.mode, args.config, decoder=args.decoder, lora_rank=args.lora_rank,
+                           lora_alpha=args.lora_alpha, backbone=args.backbone)
+    model = build_training_model(options).to(device)
     model.to(memory_format=torch.channels_last)
-    spec = SPECS[mode]
+    spec = options.spec
     loss = SegLoss(class_weights([8, 1, 1]), use_mask=spec.segments, mask_loss=spec.mask_loss or "dice").to(device)
     yy, xx = torch.meshgrid(torch.arange(224), torch.arange(224), indexing="ij")
     sample = (torch.randn(3, 224, 224), (((yy - 112) / 60.0) ** 2 + ((xx - 112) / 45.0) ** 2 < 1).long(),
@@ -305,7 +312,7 @@ def run_memory_command(args: argparse.Namespace) -> int:
     estimate = measure_step(view, loss, sample, device, precision)
     budget = device_budget(device, args.budget_gib)
     plan = plan_memory(estimate, args.batch_size, budget, args.grad_checkpointing, args.accumulate)
-    result = {"config": args.config, "mode": mode, "batch_size": args.batch_size, "precision": args.precision,
+    result = {"config": args.config, "mode": options.mode, "batch_size": args.batch_size, "precision": args.precision,
               "measured_with": f"{precision} autocast on {device}", "estimate": estimate.__dict__,
               "plan": plan.to_dict(),
               "steps_gib": {f"micro {m}, checkpointing {c}": round(estimate.step(m, c) / GiB, 2)
@@ -326,22 +333,27 @@ def run_memory_command(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m training memory`: measure a mode's training step and print the set-up that fits a budget."""
-    from training.modes import MODES
-
-    mem = argparse.ArgumentParser(prog="python -m training memory", description=__doc__.splitlines()[0])
-    mem.add_argument("--config", default="full", choices=["full", "small"])
-    mem.add_argument("--mode", default="fixed", choices=list(MODES))
-    mem.add_argument("--backbone")
-    mem.add_argument("--decoder", choices=["unetr", "separable"])
-    mem.add_argument("--lora-rank", type=int, default=8)
-    mem.add_argument("--lora-alpha", type=int)
-    mem.add_argument("--batch-size", type=int, default=32, help="frames per step on one device")
-    mem.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
-    mem.add_argument("--device", default="cpu")
-    mem.add_argument("--budget-gib", type=float, help="memory budget (default: the GPU's free memory)")
-    mem.add_argument("--accumulate", type=int)
-    mem.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=None)
-    mem.add_argument("--measure", type=int, metavar="MICRO",
-                     help="also run one real step of MICRO frames and compare its measured peak with the estimate")
-    mem.add_argument("--json", type=Path)
-    return run_memory_command(mem.parse_args(argv))
+    mem = CommandParser(prog="python -m training memory", description=__doc__.splitlines()[0])
+    mem.add_argument("--config", default="full", choices=["full", "small"],
+                     help="full: FetalCLIP's ViT-L/14 encoder; small: a small network for tests and the CPU")
+    mem.add_argument("--mode", default="fixed", type=mode_argument, choices=MODES,
+                     help="what would train (training.models.modes)")
+    mem.add_argument("--backbone", help="mode baseline (which needs one): its backbone (default: none)")
+    mem.add_argument("--decoder", choices=["unetr", "separable"], help="mode fixed: its decoder (default: unetr)")
+    mem.add_argument("--lora-rank", type=POSITIVE, default=8, help="LoRA rank")
+    mem.add_argument("--lora-alpha", type=POSITIVE, help="LoRA alpha (default: 2 x rank)")
+    mem.add_argument("--batch-size", type=POSITIVE, default=32, help="frames per step on one device")
+    mem.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
+                     help="the training autocast (fp16 is measured as bf16 on the CPU: the same bytes)")
+    mem.add_argument("--device", default="cpu", help="where to measure: cpu, cuda or cuda:N")
+    mem.add_argument("--budget-gib", type=number(float, above=0),
+                     help="memory budget (default: the GPU's free memory; none on the CPU)")
+    mem.add_argument("--accumulate", type=POSITIVE, help="micro-batches per step (default: the fewest that fit)")
+    mem.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                     help="gradient checkpointing (default: only when the step does not fit otherwise)")
+    mem.add_argument("--measure", type=POSITIVE, metavar="MICRO",
+                     help="also run one real step of MICRO frames and compare its measured peak with the estimate "
+                          "(default: estimate only)")
+    mem.add_argument("--json", type=Path, help="also write the result here (default: printed only)")
+    args = mem.parse_args(argv)
+    return run_command(lambda: run_memory_command(args))

@@ -17,8 +17,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from training.cli import UsageError
 
-class SnapshotError(ValueError):
+
+class SnapshotError(UsageError):
     """A snapshot or `--init` file that cannot be read safely or does not fit the model."""
 
 

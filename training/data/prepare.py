@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import json
 import sys
 import time
@@ -35,8 +36,10 @@ from tqdm import tqdm
 
 from algorithm.config import FRAME_CLASS_NAMES, SWEEPS_PER_CASE
 from algorithm.preprocess import pad_to_square, resize_frames
-from training import layout
-from training.dataset import ARRAYS, MANIFEST, SPLITS, frame_labels
+from training.cli import CommandParser, MissingInput, UsageError, existing_folder, number, run_command
+from training.data import layout
+from training.data.dataset import ARRAYS, MANIFEST, SPLITS, frame_labels
+from training.staging import StagedFolder
 
 DEFAULT_FRACTIONS = (0.7, 0.1, 0.2)
 IMAGE_SIZE = 224
@@ -67,7 +70,7 @@ def split_by_subject(subjects: dict[str, str], fractions: Sequence[float] = DEFA
     the *cases*; the rest is train. With at least three subjects, val and test get at least one each.
     """
     if len(fractions) != 3 or any(f < 0 for f in fractions) or sum(fractions) <= 0:
-        raise ValueError(f"fractions must be three non-negative numbers, got {fractions}")
+        raise UsageError(f"fractions must be three non-negative numbers, got {fractions}")
     total = float(sum(fractions))
     by_subject: dict[str, list[str]] = defaultdict(list)
     for uuid, subject in subjects.items():
@@ -99,7 +102,7 @@ def stack_depth(path: Path) -> int:
 
 
 def selected_frames(n_frames: int, acs: Sequence[float | None], all_sweeps: bool) -> list[tuple[int, int]]:
-    """(frame, sweep) pairs to keep: sweeps are consecutive blocks of n_frames // 6 (training.metrics)."""
+    """(frame, sweep) pairs to keep: sweeps are consecutive blocks of n_frames // 6 (training.scoring.metrics)."""
     length = max(1, n_frames // SWEEPS_PER_CASE)
     keep = []
     for sweep in range(SWEEPS_PER_CASE):
@@ -133,8 +136,6 @@ def prepare_key(data: Path, seed: int = 0, all_sweeps: bool = False,
     """Everything the prepared arrays depend on: the parameters and a fingerprint of the input files (name,
     size and modification time of every image, mask and the circumference CSV). Equal keys mean equal
     content, so a cache can be reused; any change makes `prepare` run again."""
-    import hashlib
-
     data = Path(data).resolve()
     digest = hashlib.sha256()
     files = [layout.image_path(data, u) for u in layout.list_case_ids(data)]
@@ -169,73 +170,84 @@ def prepare(data: Path, out: Path, seed: int = 0, all_sweeps: bool = False,
             progress: bool = True, replica: bool | None = None) -> dict:
     """Write the prepared splits and manifest.json under `out`; returns the manifest.
 
-    `replica` records whether the data is the replica (None: detect it, see `is_replica`); training puts
-    "not for clinical use" into the provenance of weights trained on it.
+    `out` appears only complete (training.staging): written as `<out>.partial`, which a preparation cut
+    short removes. `replica` records whether the data is the replica (None: detect it, see `is_replica`);
+    training puts "not for clinical use" into the provenance of weights trained on it.
     """
-    data, out = Path(data), Path(out)
-    started = time.perf_counter()
-    key = prepare_key(data, seed, all_sweeps, fractions, size, replica)
-    (out / MANIFEST).unlink(missing_ok=True)  # a preparation cut short must not pass for a finished one
+    data = Path(data)
+    folder = StagedFolder(Path(out), MANIFEST)
+    folder.check()
     uuids = layout.list_case_ids(data)
     if not uuids:
-        raise FileNotFoundError(f"no cases in {data / layout.IMAGES_DIR}")
-    circumferences = read_circumferences(data)
+        raise MissingInput(f"no cases in {data / layout.IMAGES_DIR}")
     missing_masks = [u for u in uuids if not layout.mask_path(data, u).is_file()]
     if missing_masks:
-        raise FileNotFoundError(f"{len(missing_masks)} case(s) without a mask stack, e.g. "
-                                f"{layout.mask_path(data, missing_masks[0])}")
+        raise MissingInput(f"{len(missing_masks)} case(s) without a mask stack, e.g. "
+                           f"{layout.mask_path(data, missing_masks[0])}")
+    try:
+        manifest = _prepare(data, uuids, folder.start(), seed, all_sweeps, fractions, size, progress, replica)
+        folder.commit()
+    except BaseException:
+        folder.discard()
+        raise
+    return manifest
+
+
+def _prepare(data: Path, uuids: list[str], out: Path, seed: int, all_sweeps: bool, fractions: Sequence[float],
+             size: int, progress: bool, replica: bool | None) -> dict:
+    started = time.perf_counter()
+    key = prepare_key(data, seed, all_sweeps, fractions, size, replica)
+    circumferences = read_circumferences(data)
     info = {u: circumferences.get(u, {"subject": u, "ac": [None] * SWEEPS_PER_CASE}) for u in uuids}
     splits = split_by_subject({u: info[u]["subject"] for u in uuids}, fractions, seed)
 
     # Frame lists from the headers first, so every output array is allocated once at its final size.
     plan = {u: selected_frames(stack_depth(layout.image_path(data, u)), info[u]["ac"], all_sweeps) for u in uuids}
     counts: dict[str, dict] = {}
-    out.mkdir(parents=True, exist_ok=True)
-    bar = tqdm(total=sum(len(v) for v in plan.values()), unit="frame", desc="prepare", disable=not progress)
-    for split in SPLITS:
-        folder = out / split
-        folder.mkdir(parents=True, exist_ok=True)
-        n = sum(len(plan[u]) for u in splits[split])
-        arrays = {
-            "images": np.lib.format.open_memmap(folder / "images.npy", "w+", np.uint8, (n, size, size)),
-            "masks": np.lib.format.open_memmap(folder / "masks.npy", "w+", np.uint8, (n, size, size)),
-            "labels": np.lib.format.open_memmap(folder / "labels.npy", "w+", np.int8, (n,)),
-            "index": np.lib.format.open_memmap(folder / "index.npy", "w+", np.int32, (n, 3)),
-        }
-        row = 0
-        for case_number, uuid in enumerate(splits[split]):
-            bar.set_postfix_str(f"{split} {uuid[:8]}")
-            frames = np.array([f for f, _ in plan[uuid]], dtype=np.int64)
-            sweeps = np.array([s for _, s in plan[uuid]], dtype=np.int64)
-            if len(frames) == 0:
-                continue
-            image = read_array(layout.image_path(data, uuid))
-            mask = read_array(layout.mask_path(data, uuid))
-            if image.shape != mask.shape:
-                raise ValueError(f"{uuid}: image {image.shape} and mask {mask.shape} differ")
-            for start in range(0, len(frames), CHUNK):
-                chunk = frames[start:start + CHUNK]
-                rows = slice(row + start, row + start + len(chunk))
-                arrays["images"][rows] = resize_images(image[chunk], size)
-                arrays["masks"][rows] = resize_masks(mask[chunk], size)
-                arrays["labels"][rows] = frame_labels(mask[chunk])
-                arrays["index"][rows] = np.stack([np.full(len(chunk), case_number), chunk,
-                                                  sweeps[start:start + len(chunk)]], axis=1)
-                bar.update(len(chunk))
-            row += len(frames)
-            del image, mask
-        for array in arrays.values():
-            array.flush()
-        labels = np.asarray(arrays["labels"], dtype=np.int64)
-        by_class = np.bincount(labels, minlength=len(FRAME_CLASS_NAMES))
-        counts[split] = {
-            "cases": len(splits[split]),
-            "subjects": len({info[u]["subject"] for u in splits[split]}),
-            "frames": int(n),
-            **{name: int(c) for name, c in zip(FRAME_CLASS_NAMES, by_class)},
-        }
-        del arrays
-    bar.close()
+    with tqdm(total=sum(len(v) for v in plan.values()), unit="frame", desc="prepare", disable=not progress) as bar:
+        for split in SPLITS:
+            folder = out / split
+            folder.mkdir(parents=True, exist_ok=True)
+            n = sum(len(plan[u]) for u in splits[split])
+            arrays = {
+                "images": np.lib.format.open_memmap(folder / "images.npy", "w+", np.uint8, (n, size, size)),
+                "masks": np.lib.format.open_memmap(folder / "masks.npy", "w+", np.uint8, (n, size, size)),
+                "labels": np.lib.format.open_memmap(folder / "labels.npy", "w+", np.int8, (n,)),
+                "index": np.lib.format.open_memmap(folder / "index.npy", "w+", np.int32, (n, 3)),
+            }
+            row = 0
+            for case_number, uuid in enumerate(splits[split]):
+                bar.set_postfix_str(f"{split} {uuid[:8]}")
+                frames = np.array([f for f, _ in plan[uuid]], dtype=np.int64)
+                sweeps = np.array([s for _, s in plan[uuid]], dtype=np.int64)
+                if len(frames) == 0:
+                    continue
+                image = read_array(layout.image_path(data, uuid))
+                mask = read_array(layout.mask_path(data, uuid))
+                if image.shape != mask.shape:
+                    raise UsageError(f"{uuid}: image {image.shape} and mask {mask.shape} differ")
+                for start in range(0, len(frames), CHUNK):
+                    chunk = frames[start:start + CHUNK]
+                    rows = slice(row + start, row + start + len(chunk))
+                    arrays["images"][rows] = resize_images(image[chunk], size)
+                    arrays["masks"][rows] = resize_masks(mask[chunk], size)
+                    arrays["labels"][rows] = frame_labels(mask[chunk])
+                    arrays["index"][rows] = np.stack([np.full(len(chunk), case_number), chunk,
+                                                      sweeps[start:start + len(chunk)]], axis=1)
+                    bar.update(len(chunk))
+                row += len(frames)
+                del image, mask
+            for array in arrays.values():
+                array.flush()
+            labels = np.asarray(arrays["labels"], dtype=np.int64)
+            by_class = np.bincount(labels, minlength=len(FRAME_CLASS_NAMES))
+            counts[split] = {
+                "cases": len(splits[split]),
+                "subjects": len({info[u]["subject"] for u in splits[split]}),
+                "frames": int(n),
+                **{name: int(c) for name, c in zip(FRAME_CLASS_NAMES, by_class)},
+            }
+            del arrays
 
     manifest = {
         "data": str(data.resolve()),
@@ -258,7 +270,7 @@ def prepare(data: Path, out: Path, seed: int = 0, all_sweeps: bool = False,
 
 
 def is_replica(data: Path) -> bool:
-    """Whether `data` was written by training.replica (its marker file or README says so)."""
+    """Whether `data` was written by training.data.replica (its marker file or README says so)."""
     data = Path(data)
     for name in ("replica.json", "REPLICA", "README.md", "README.txt"):
         path = data / name
@@ -285,16 +297,21 @@ def describe(manifest: dict) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m training prepare", description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, required=True, help="release-layout folder (real or replica)")
-    parser.add_argument("--out", type=Path, required=True, help="where the prepared splits go")
-    parser.add_argument("--seed", type=int, default=0, help="split seed (default 0)")
+    parser = CommandParser(prog="python -m training prepare", description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=existing_folder, required=True, help="release-layout folder (real or replica)")
+    parser.add_argument("--out", type=Path, required=True,
+                        help="where the prepared splits go; written as OUT.partial until complete")
+    parser.add_argument("--seed", type=int, default=0, help="split seed")
     parser.add_argument("--all-sweeps", action="store_true", help="keep sweeps without a reference AC too")
-    parser.add_argument("--fractions", type=float, nargs=3, default=DEFAULT_FRACTIONS,
-                        metavar=("TRAIN", "VAL", "TEST"))
+    parser.add_argument("--fractions", type=number(float, minimum=0), nargs=3, default=DEFAULT_FRACTIONS,
+                        metavar=("TRAIN", "VAL", "TEST"), help="shares of the cases per split, by subject")
     parser.add_argument("--replica", action=argparse.BooleanOptionalAction, default=None,
                         help="the data is the replica (default: detected from a replica.json marker)")
     args = parser.parse_args(argv)
+    return run_command(lambda: _prepare_command(args))
+
+
+def _prepare_command(args: argparse.Namespace) -> int:
     manifest = prepare(args.data, args.out, args.seed, args.all_sweeps, args.fractions, replica=args.replica)
     print(describe(manifest))
     print(f"manifest: {args.out / MANIFEST}  ({manifest['seconds']} s)")

@@ -1,4 +1,4 @@
-"""Train one mode (training.modes) on prepared frames; write a checkpoint in algorithm's format.
+"""Train one mode (training.models.modes) on prepared frames; write a checkpoint in algorithm's format.
 
     python -m training train --prepared DIR --out DIR [--mode fixed|paper|paper-cls|probe|baseline]
         [--config full|small] [--fetalclip PATH] [--epochs 5] [--batch-size 32] [--lr 3e-4]
@@ -13,7 +13,7 @@ mean +- std of the test metrics; the trial with the lowest validation loss becom
 
 Precision: algorithm.runtime's policy (`auto`: bf16 where the GPU has native bf16, capability >= 8.0; fp16
 with gradient scaling below, e.g. a T4; bf16 on CPUs with bf16 units, else fp32). Memory: before training
-the step's memory is measured (training.memory) and printed; when it does not fit the GPU, gradient
+the step's memory is measured (training.run.memory) and printed; when it does not fit the GPU, gradient
 checkpointing and then accumulation over micro-batches are switched on (unless given), keeping the batch.
 
 Outputs in `--out` (per trial in trial_<k>/): last.pt (resumable: what trains, optimizer, scheduler, scaler,
@@ -24,6 +24,7 @@ that train (the frozen encoder comes from the FetalCLIP file) and load with torc
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
 import functools
@@ -36,11 +37,12 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
@@ -48,23 +50,26 @@ from tqdm import tqdm
 
 from algorithm import __version__
 from algorithm.model.checkpoint import save_checkpoint
-from algorithm.model.fetalclipseg import effective_parameters, inert_parameter_names, total_parameters, \
-    trainable_parameters
-from algorithm.runtime import autocast, choose_precision, needs_grad_scaling
-from training.augment import build_augment
-from training.dataset import FrameDataset, read_manifest
-from training.distributed import DistContext, gather_to_main, reduce_device, setup_distributed, shutdown
-from training.evaluate_frames import (METRIC_COLUMNS, FrameStats, accumulate, frame_loader, frame_report,
-                                      markdown_table, merge_frames, save_frames, table_rows)
-from training.losses import LossWeights, SegLoss, class_weights
-from training.memory import MemoryEstimate, MemoryPlan, device_budget, estimate_step_memory, plan_memory
-from training.mining import Hardness, mining_pool, score_negatives
-from training.modes import build_training_model, canonical_mode
-from training.params import TrainConfig, config_from_args, train_parser
-from training.report_plots import plot_history
-from training.sampling import EpochSampler, MixedBatches, validation_subset
-from training.snapshot import (SnapshotError, load_trainable_state, read_snapshot, rng_state, save_snapshot,
-                               set_rng_state, trainable_state)
+from algorithm.model.fetalclipseg import (effective_parameters, inert_parameter_names, total_parameters,
+                                          trainable_parameters)
+from algorithm.runtime import autocast, choose_precision, needs_grad_scaling, resolve_device
+from training.cli import UsageError, run_command
+from training.data.augment import build_augment
+from training.data.dataset import FrameDataset, read_manifest
+from training.data.mining import Hardness, mining_pool, score_negatives
+from training.data.sampling import EpochSampler, MixedBatches, validation_subset
+from training.models.build import build_training_model
+from training.models.losses import LossWeights, SegLoss, class_weights
+from training.models.snapshot import (SnapshotError, load_trainable_state, read_snapshot, rng_state, save_snapshot,
+                                      set_rng_state, trainable_state)
+from training.params import TrainConfig, check_device, config_from_args, train_parser
+from training.run.distributed import DistContext, gather_to_main, reduce_device, setup_distributed, shutdown
+from training.run.folder import RunFolder
+from training.run.memory import MemoryPlan, device_budget, measure_step, plan_memory
+from training.run.step import TrainView
+from training.scoring.evaluate_frames import (METRIC_COLUMNS, FrameStats, accumulate, frame_loader, frame_report,
+                                              markdown_table, merge_frames, save_frames, table_rows)
+from training.scoring.report_plots import plot_history
 
 log = logging.getLogger("training")
 
@@ -116,8 +121,6 @@ def load_weights(model: nn.Module, path: Path) -> None:
     so continue LoRA runs from their best.pt instead."""
     path = Path(path)
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         try:
             state = load_file(str(path), device="cpu")
         except Exception as exc:
@@ -134,53 +137,6 @@ def load_weights(model: nn.Module, path: Path) -> None:
             raise SnapshotError(f"--init {path} is not a last.pt / best.pt of training (no 'model' entry)")
         state = saved["model"]
     load_trainable_state(model, state, f"--init {path}")
-
-
-class TrainView(nn.Module):
-    """What one training step runs: the whole network, or (segmenting modes) the decoder on some frames only.
-
-    A module of its own so DistributedDataParallel wraps exactly the computation that produces the loss.
-    """
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, images: torch.Tensor, decode: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """(mask logits or None, frame logits); with `decode` (bool (B,)) the decoder runs on those frames only."""
-        if decode is None or getattr(self.model, "decoder", None) is None:
-            out = self.model(images)
-            return out.mask_logits, out.frame_logits
-        # FetalCLIPSeg.forward, with the decoder restricted to the frames that need a mask.
-        with torch.no_grad() if self.model.config.encoder_no_grad else contextlib.nullcontext():
-            features, embedding = self.model.encoder(images)
-        mask_logits = self.model.decoder(images[decode], [f[decode] for f in features])
-        return mask_logits, self.model.frame_head(embedding)
-
-
-def make_step(view: TrainView, loss: SegLoss, sample: tuple[torch.Tensor, ...], device: torch.device,
-              precision: str, channels_last: bool = True) -> Callable[[int], torch.Tensor]:
-    """step(batch) -> the training loss of `batch` copies of `sample` (forward and loss, no backward)."""
-    def step(batch: int) -> torch.Tensor:
-        images = sample[0][None].expand(batch, -1, -1, -1).contiguous().to(device)
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        mask = sample[1][None].expand(batch, -1, -1).contiguous().to(device)
-        label = sample[2].reshape(1).repeat(batch).to(device)
-        view.train()
-        with autocast(device, precision):
-            mask_logits, frame_logits = view(images)
-        return loss(mask_logits, frame_logits, mask, label)[0]
-
-    return step
-
-
-def measure_step(view: TrainView, loss: SegLoss, sample: tuple[torch.Tensor, ...], device: torch.device,
-                 precision: str, channels_last: bool = True) -> MemoryEstimate:
-    """training.memory's estimate of a training step of `view` + `loss`, measured on copies of `sample`."""
-    return estimate_step_memory(view.model, make_step(view, loss, sample, device, precision, channels_last),
-                                half_precision=precision in ("bf16", "fp16"))
 
 
 # ------------------------------------------------------------------------------------------ training
@@ -203,7 +159,7 @@ class Trainer:
         cfg.validate()
         self.cfg, self.trial = cfg, trial
         self.spec = cfg.spec
-        self.ctx = ctx or DistContext(device=_resolve(cfg.device))
+        self.ctx = ctx or DistContext(device=resolve_device(cfg.device))
         self.seed = cfg.seed + trial
         self.out = Path(out) if out is not None else Path(cfg.out) / f"trial_{trial}"
         self.manifest = read_manifest(cfg.prepared)
@@ -211,15 +167,14 @@ class Trainer:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         if cfg.batch_size % self.ctx.world:
-            raise ValueError(f"batch size {cfg.batch_size} is not divisible by the {self.ctx.world} processes")
+            raise UsageError(f"batch size {cfg.batch_size} is not divisible by the {self.ctx.world} processes")
         self.precision, scaling = training_precision(cfg.precision, self.ctx.device)
         self.scaler = torch.amp.GradScaler(self.ctx.device.type, enabled=scaling)
 
         if cfg.fetalclip is None and not cfg.train_encoder and self.spec.name != "baseline" and self.ctx.main:
             log.warning("no --fetalclip weights: the encoder is random and frozen (only LoRA/decoder/head "
                         "learn); use --train-encoder for a from-scratch encoder")
-        self.model = build_training_model(cfg.mode, cfg.config, cfg.fetalclip, cfg.train_encoder, cfg.lora_rank,
-                                          cfg.lora_alpha, cfg.decoder, cfg.backbone, cfg.pretrained, cfg.adapt)
+        self.model = build_training_model(cfg)
         self.model_config = self.model.config
         if cfg.init is not None:
             load_weights(self.model, Path(cfg.init))
@@ -234,7 +189,7 @@ class Trainer:
         self.train_set = FrameDataset(cfg.prepared, "train", self.augment, copies=cfg.augment_copies)
         self.val_set = FrameDataset(cfg.prepared, "val")
         if len(self.train_set) == 0:
-            raise ValueError(f"{cfg.prepared}: the train split is empty")
+            raise UsageError(f"{cfg.prepared}: the train split is empty")
         counts = np.bincount(self.train_set.frame_labels, minlength=3)
         power = cfg.class_weight_power
         if power is None:
@@ -258,7 +213,7 @@ class Trainer:
         self.sampler: Sampler
         if cfg.head_negatives_per_positive:
             if cfg.sampler != "uniform":
-                raise ValueError("head-only negatives go with the uniform sampler")
+                raise UsageError("head-only negatives go with the uniform sampler")
             self.sampler = MixedBatches(self.train_set.labels, self.seed, self.micro_batch,
                                         cfg.negatives_per_positive, cfg.head_negatives_per_positive,
                                         self.ctx.rank, self.ctx.world)
@@ -280,7 +235,7 @@ class Trainer:
         self.state = TrialState()
         self.frames: dict[str, dict[str, np.ndarray]] = {}  # split -> every frame's record (evaluate)
         self.info = {
-            "mode": canonical_mode(cfg.mode),
+            "mode": cfg.mode,
             "model": getattr(self.model_config, "name", ""),
             "trainable_parameters": trainable_parameters(self.model),
             "effective_trainable_parameters": effective_parameters(self.model),
@@ -302,7 +257,7 @@ class Trainer:
 
     # -- memory
     def _plan_memory(self) -> MemoryPlan:
-        """Measure a step and choose checkpointing / accumulation (training.memory)."""
+        """Measure a step and choose checkpointing / accumulation (training.run.memory)."""
         cfg = self.cfg
         self.memory_estimate = measure_step(self.view, self.loss, self.train_set[0], self.ctx.device,
                                             self.precision, cfg.channels_last)
@@ -359,7 +314,7 @@ class Trainer:
             return False
         saved = read_snapshot(self.last_path)
         if saved.get("model_config") != self.model_config.to_dict():
-            raise ValueError(f"{self.last_path} was written for another model configuration; "
+            raise SnapshotError(f"{self.last_path} was written for another model configuration; "
                              "resume with the same --mode/--config/--train-encoder or use another --out")
         load_trainable_state(self.model, saved["model"], self.last_path)
         self.optimizer.load_state_dict(saved["optimizer"])
@@ -449,7 +404,7 @@ class Trainer:
 
     def mine_hard_negatives(self, epoch: int) -> dict[str, float] | None:
         """Score this epoch's pool of negatives with the current model and hand it to the sampler
-        (training.mining). Every rank scores the same pool, so all ranks draw the same batches."""
+        (training.data.mining). Every rank scores the same pool, so all ranks draw the same batches."""
         cfg = self.cfg
         if not cfg.hard_negatives or epoch < cfg.hard_negatives_from:
             return None
@@ -570,7 +525,7 @@ class Trainer:
                 f"trained {self.state.epoch + 1} epoch(s), best epoch {self.state.best_epoch + 1}, seed {self.seed}, "
                 f"on {'the replica dataset' if replica else 'the ACOUSLIC-AI training data'} "
                 f"({counts['cases']} cases, {counts['frames']} frames) at {manifest['data']}; "
-                f"training/train.py, algorithm {__version__}")
+                f"training/run/train.py, algorithm {__version__}")
         if replica:
             text += "; replica-trained, not for clinical use"
         if cfg.note:
@@ -587,8 +542,6 @@ class Trainer:
         if test_report is not None:
             extra["test_frame_metrics"] = test_report
         if self.spec.name == "baseline":
-            from safetensors.torch import save_file
-
             metadata = {"format": BASELINE_FORMAT, "config": json.dumps(self.model_config.to_dict()),
                         "provenance": self.provenance(), "extra": json.dumps(extra, default=str)}
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -598,12 +551,6 @@ class Trainer:
         model.merge_lora()  # irreversible: the trainer is done with this model
         extra["lora_merged"] = True
         return save_checkpoint(path, model, model.config, self.provenance(), extra=extra)
-
-
-def _resolve(device: str) -> torch.device:
-    from algorithm.runtime import resolve_device
-
-    return resolve_device(device)
 
 
 def _f(value: float | None) -> str:
@@ -616,9 +563,10 @@ def checkpoint_name(cfg: TrainConfig) -> str:
     return BASELINE_CHECKPOINT_NAME if cfg.spec.name == "baseline" else CHECKPOINT_NAME
 
 
-def run_trial(cfg: TrainConfig, trial: int, ctx: DistContext) -> dict[str, Any]:
-    """Train one trial, score its best epoch on validation and test (frames kept), export its checkpoint."""
-    trainer = Trainer(cfg, trial, ctx=ctx)
+def run_trial(cfg: TrainConfig, trial: int, ctx: DistContext, folder: RunFolder) -> dict[str, Any]:
+    """Train one trial in the run's staged folder, score its best epoch on validation and test (frames kept),
+    export its checkpoint. The paths it records are where the files will be once the run is complete."""
+    trainer = Trainer(cfg, trial, out=folder.partial / f"trial_{trial}", ctx=ctx)
     started = time.perf_counter()
     state = trainer.fit()
     trainer.load_best()
@@ -637,9 +585,10 @@ def run_trial(cfg: TrainConfig, trial: int, ctx: DistContext) -> dict[str, Any]:
     }
     if ctx.main:
         for split, frames in trainer.frames.items():
-            result[f"{split}_frames"] = str(save_frames(frames, trainer.out / f"{split}_frames.npz"))
+            saved = save_frames(frames, trainer.out / f"{split}_frames.npz")
+            result[f"{split}_frames"] = str(folder.published(saved))
         checkpoint = trainer.export(trainer.out / checkpoint_name(cfg), reports.get("test"))
-        result["checkpoint"] = str(checkpoint)
+        result["checkpoint"] = str(folder.published(checkpoint))
         (trainer.out / "frame_metrics.json").write_text(json.dumps(result, indent=2) + "\n")
     ctx.barrier()
     return result
@@ -687,27 +636,37 @@ def summary_table(name: str, results: list[dict[str, Any]], summary: dict[str, A
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """All trials of one configuration; returns (and writes) the summary. Under torchrun every rank
-    trains; the summary's checkpoint and files exist on rank 0 only (`summary["main"]`)."""
+    trains; the summary's checkpoint and files exist on rank 0 only (`summary["main"]`).
+
+    The run's folder appears at `cfg.out` only when the run is complete (training.run.folder): a run that
+    stops part-way keeps `<out>.partial` if an epoch finished (the exception carries a note saying so)."""
     cfg.validate()
     ctx = setup_distributed(cfg.device)
-    out = Path(cfg.out)
+    folder = RunFolder(cfg.out)
+    folder.check_start(cfg.resume)  # every rank, so that all refuse together
     if ctx.main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-    results = [run_trial(cfg, trial, ctx) for trial in range(cfg.trials)]
-    summary = {"config": cfg.to_dict(), "trials": results, "test_mean_std": summarise(results),
-               "main": ctx.main}
-    if ctx.main:
-        best = min(results, key=lambda r: r["best_val_loss"])
-        name = checkpoint_name(cfg)
-        shutil.copy(best["checkpoint"], out / name)
-        summary["checkpoint"] = str(out / name)
-        summary["checkpoint_trial"] = best["trial"]
-        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        table = summary_table(cfg.mode, results, summary["test_mean_std"])
-        (out / "frame_table.md").write_text(table)
-        log.info("test split, frame level:\n%s", table)
-        log.info("checkpoint: %s", out / name)
+        folder.open(cfg.resume, cfg.to_dict())
+    ctx.barrier()
+    try:
+        results = [run_trial(cfg, trial, ctx, folder) for trial in range(cfg.trials)]
+        summary = {"config": cfg.to_dict(), "trials": results, "test_mean_std": summarise(results),
+                   "main": ctx.main}
+        if ctx.main:
+            best = min(results, key=lambda r: r["best_val_loss"])
+            name = checkpoint_name(cfg)
+            shutil.copy(folder.partial / f"trial_{best['trial']}" / name, folder.partial / name)
+            summary["checkpoint"] = str(folder.out / name)
+            summary["checkpoint_trial"] = best["trial"]
+            (folder.partial / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            table = summary_table(cfg.mode, results, summary["test_mean_std"])
+            (folder.partial / "frame_table.md").write_text(table)
+            folder.commit()
+            log.info("test split, frame level:\n%s", table)
+            log.info("checkpoint: %s", folder.out / name)
+    except BaseException as stopped:
+        if ctx.main and (kept := folder.stop()):
+            stopped.add_note(kept)
+        raise
     return summary
 
 
@@ -720,22 +679,18 @@ def configure_logging() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m training train`: exit codes as every training command (training.cli, docs/training.md)."""
     configure_logging()
-    parser = train_parser()
-    args = parser.parse_args(argv)
-    if args.mode == "cls":
-        log.warning("--mode cls is now called probe")
+    args = train_parser().parse_args(argv)
+    return run_command(lambda: _train_command(args))
+
+
+def _train_command(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
-    try:
-        cfg.validate()
-        choose_precision(cfg.precision, _resolve(cfg.device))
-    except ValueError as exc:
-        parser.error(str(exc))
+    cfg.validate()
+    check_device(cfg.device, cfg.precision)
     try:
         train(cfg)
-    except SnapshotError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
     finally:
         shutdown()
     return 0

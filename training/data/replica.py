@@ -26,7 +26,6 @@ its linear steps run once per key field, not once per frame, so a full-size case
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import dataclasses
 import json
@@ -45,7 +44,8 @@ from tqdm import tqdm
 
 from algorithm.biometry import circumference_mm
 from algorithm.config import PIXEL_SPACING_MM, SWEEPS_PER_CASE
-from training.layout import CIRCUMFERENCES_CSV, CIRCUMFERENCES_HEADER, image_path, mask_path
+from training.cli import CommandParser, number
+from training.data.layout import CIRCUMFERENCES_CSV, CIRCUMFERENCES_HEADER, image_path, mask_path
 
 LABEL_OPTIMAL, LABEL_SUBOPTIMAL = 1, 2
 # Frames per sweep of the real release; run lengths and positions are defined at this scale and scaled
@@ -1106,31 +1106,19 @@ def write_dataset(out: Path | str, cases: int, frames_per_sweep: int | None = No
         for case_uuid, subject, ac in zip(uuids, subject_ids(pairs), acs):
             writer.writerow([case_uuid, subject] + [_format_ac(v) for v in ac])
     # Provenance, and the marker by which the data tools tell a replica from the real release.
-    marker = {"generator": "training.replica", "seed": seed, "cases": cases, "abdomen": abdomen,
+    marker = {"generator": "training.data.replica", "seed": seed, "cases": cases, "abdomen": abdomen,
               "config": dataclasses.asdict(cfg)}
     (out / REPLICA_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
     return uuids
 
 
-def _at_least(minimum: int):
-    """An argparse type: an integer no smaller than `minimum`, else a usage error naming the bound."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
-        return value
-    return parse
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m training replica", description=__doc__.split("\n")[0])
+    parser = CommandParser(prog="python -m training replica", description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="output folder (release layout)")
-    parser.add_argument("--cases", type=_at_least(1), required=True)
-    parser.add_argument("--frames-per-sweep", type=_at_least(MIN_FRAMES_PER_SWEEP), default=REAL_FRAMES_PER_SWEEP)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cases", type=number(int, minimum=1), required=True, help="how many cases to write")
+    parser.add_argument("--frames-per-sweep", type=number(int, minimum=MIN_FRAMES_PER_SWEEP),
+                        default=REAL_FRAMES_PER_SWEEP, help="frames per sweep of each case (6 sweeps)")
+    parser.add_argument("--seed", type=int, default=0, help="the dataset's seed: same seed, same cases")
     parser.add_argument("--no-abdomen", action="store_true", help="cases without any abdomen or annotation")
     args = parser.parse_args(argv)
     started = time.perf_counter()

@@ -5,15 +5,15 @@
 `--predictions` holds one folder per case, named by the case uuid, laid out like the algorithm's /output:
 the mask socket's folder holding one .mha (the (Z, H, W) output stack, or a single (H, W) mask) and the
 frame-number JSON (an integer, -1 = no frame), as `algorithm.contract` names them. `--ground-truth` is a release-layout folder
-(`training.layout`): masks/stacked_fetal_abdomen/<uuid>.mha, the per-sweep reference AC CSV and, unless
+(`training.data.layout`): masks/stacked_fetal_abdomen/<uuid>.mha, the per-sweep reference AC CSV and, unless
 `--fov-mask` is given, images/stacked_fetal_ultrasound/<uuid>.mha from which each case's FOV is derived.
 
 Every ground-truth case is scored. A case without a prediction folder (or without its frame JSON) is
 listed under "missing" and scored as frame -1 (WFSS 0, NAE 1, DSC_soft 0 when the case is annotated), as
 the challenge would score a failed job. A frame number without a mask file counts as an empty mask.
-Metric definitions and where they differ from the official scorer: `training.metrics`.
+Metric definitions and where they differ from the official scorer: `training.scoring.metrics`.
 
-`--official` scores as the challenge's own evaluation code does instead (`training.official`): its ellipse
+`--official` scores as the challenge's own evaluation code does instead (`training.scoring.official`): its ellipse
 fit, its nearest-frame rule, Hausdorff in pixels, and its infinite DSC_soft where it compares two empty
 masks (null in the JSON, with a warning; a mean over such a case is null too, never a silent inf). It reads
 the whole output stack (its binary check covers every frame) and, like it, should be given the
@@ -28,7 +28,6 @@ full-size case peaks at ~0.7 GB resident (~0.6 GB with --fov-mask), most of it o
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import math
@@ -43,9 +42,10 @@ from rich.table import Table
 
 from algorithm.config import PIXEL_SPACING_MM, SWEEPS_PER_CASE
 from algorithm.fov import fov_from_stack
-from training import layout
-from training.metrics import case_score
-from training.official import OfficialScorerFailure, official_case_score
+from training.cli import CommandParser
+from training.data import layout
+from training.scoring.metrics import case_score
+from training.scoring.official import OfficialScorerFailure, official_case_score
 
 METRIC_KEYS = ("wfss", "dsc_soft", "nae_ac", "hd", "score")
 
@@ -300,10 +300,10 @@ def print_report(report: dict[str, Any], console: Console | None = None) -> None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m training evaluate", description=__doc__.split("\n\n")[0])
+    parser = CommandParser(prog="python -m training evaluate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--predictions", type=Path, required=True, help="one output folder per case uuid")
     parser.add_argument("--ground-truth", type=Path, required=True, help="dataset in the public release layout")
-    parser.add_argument("--json", type=Path, help="write the report here")
+    parser.add_argument("--json", type=Path, help="also write the report here (default: printed only)")
     parser.add_argument("--fov-mask", type=Path,
                         help="(H, W) FOV .mha used for every case (default: derived from each image stack)")
     parser.add_argument("--official", action="store_true",

@@ -12,7 +12,7 @@ import numpy as np
 from torch.utils.data import Sampler
 
 from algorithm.config import FRAME_NONE
-from training.mining import Hardness, draw_negatives
+from training.data.mining import Hardness, draw_negatives
 
 
 class EpochSampler(Sampler[int]):
@@ -30,7 +30,7 @@ class EpochSampler(Sampler[int]):
         self.seed, self.strategy, self.ratio = seed, strategy, negatives_per_positive
         self.rank, self.world = rank, world
         self.epoch = 0
-        self.hardness: Hardness | None = None  # hard-negative mining (training.mining), set by the trainer
+        self.hardness: Hardness | None = None  # hard-negative mining (training.data.mining), set by the trainer
         self._length = len(self.epoch_indices())
 
     def set_epoch(self, epoch: int) -> None:

@@ -15,6 +15,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from algorithm.runtime import resolve_device
+
 # Rank 0 alone prepares data (close to an hour for the real release on a small CPU) or scores whole test
 # cases while the other ranks wait at a barrier; the default collective timeout (10 to 30 min) would end the run there.
 BARRIER_TIMEOUT = datetime.timedelta(hours=6)
@@ -42,8 +44,6 @@ def initialised() -> bool:
 
 def setup_distributed(device_name: str) -> DistContext:
     """This process's place: joins the torchrun process group once (later calls reuse it)."""
-    from algorithm.runtime import resolve_device
-
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DistContext(device=resolve_device(device_name))

@@ -20,12 +20,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import open_clip
+import timm
 import torch
 import torch.nn.functional as F
+from peft import LoraConfig, inject_adapter_in_model
 from torch import nn
 
 from algorithm.config import CLIP_MEAN, CLIP_STD
 from algorithm.model.fetalclipseg import SegOutput
+from training.cli import MissingInput, UsageError
 
 log = logging.getLogger("training")
 
@@ -97,12 +101,10 @@ def _split_open_clip(backbone: str) -> tuple[str, str | None]:
 def _build_backbone(backbone: str, pretrained: str | Path | None) -> tuple[nn.Module, dict[str, Any], int]:
     """(module returning pooled features, its preprocessing {mean, std, size, crop_pct, interpolation}, dim)."""
     if backbone.startswith("open_clip:"):
-        import open_clip
-
         arch, tag = _split_open_clip(backbone)
         weights = None if pretrained is None else (tag if str(pretrained) == "hub" else str(pretrained))
         if str(pretrained) == "hub" and tag is None:
-            raise ValueError(f"{backbone}: name the pretrained tag to download, e.g. open_clip:{arch}@openai")
+            raise UsageError(f"{backbone}: name the pretrained tag to download, e.g. open_clip:{arch}@openai")
         clip = open_clip.create_model(arch, pretrained=weights)
         visual = clip.visual
         size = visual.image_size if isinstance(visual.image_size, int) else visual.image_size[0]
@@ -110,7 +112,6 @@ def _build_backbone(backbone: str, pretrained: str | Path | None) -> tuple[nn.Mo
         std = getattr(visual, "image_std", None) or CLIP_STD
         return visual, {"mean": tuple(mean), "std": tuple(std), "size": int(size), "crop_pct": 1.0,
                         "interpolation": "bicubic"}, int(visual.output_dim)
-    import timm
 
     if pretrained is None:
         model = timm.create_model(backbone, pretrained=False, num_classes=0)
@@ -119,7 +120,7 @@ def _build_backbone(backbone: str, pretrained: str | Path | None) -> tuple[nn.Mo
     else:
         path = Path(pretrained)
         if not path.is_file():
-            raise FileNotFoundError(f"baseline weights not found: {path}")
+            raise MissingInput(f"baseline weights not found: {path}")
         # timm reads the file itself (safetensors, or torch.load with weights_only=True) and drops the classifier
         model = timm.create_model(backbone, pretrained=True, num_classes=0, pretrained_cfg_overlay={"file": str(path)})
     cfg = model.pretrained_cfg
@@ -134,7 +135,7 @@ def _lora_targets(backbone: str, model: nn.Module) -> tuple[str, ...]:
     names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     found = tuple(t for t in targets if t in names)
     if not found:
-        raise ValueError(f"{backbone} has no module named {', '.join(targets)} for LoRA; use adapt 'full' or 'probe'")
+        raise UsageError(f"{backbone} has no module named {', '.join(targets)} for LoRA; use adapt 'full' or 'probe'")
     return found
 
 
@@ -144,7 +145,7 @@ class BaselineClassifier(nn.Module):
     def __init__(self, config: BaselineConfig, pretrained: str | Path | None = None):
         super().__init__()
         if config.adapt not in ADAPTATIONS:
-            raise ValueError(f"adapt must be one of {ADAPTATIONS}, got {config.adapt!r}")
+            raise UsageError(f"adapt must be one of {ADAPTATIONS}, got {config.adapt!r}")
         self.encoder, self.preprocessing, dim = _build_backbone(config.backbone, pretrained)
         if config.adapt == "auto":  # as published: LoRA for transformers, full fine-tuning for CNNs
             transformer = config.backbone.startswith("open_clip:") or any(
@@ -155,8 +156,6 @@ class BaselineClassifier(nn.Module):
         for p in self.encoder.parameters():
             p.requires_grad = config.adapt == "full"
         if config.adapt == "lora":
-            from peft import LoraConfig, inject_adapter_in_model
-
             lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                               target_modules=list(_lora_targets(config.backbone, self.encoder)), bias="none")
             inject_adapter_in_model(lora, self.encoder)

@@ -3,7 +3,7 @@
 `reproduce` = prepare (once, on rank 0; reused when every parameter of its content matches) -> train each
 mode (under torchrun with DDP) -> the paper's frame-level table with parameter counts beside the paper's ->
 the threshold sweep of the mask-size rule -> the algorithm on every whole test case and the challenge score
-(training.evaluate), on rank 0 -> one Markdown report.
+(training.scoring.evaluate), on rank 0 -> one Markdown report.
 
 `demo-weights` makes the bundled CPU demo weights: a replica dataset, prepared, the small configuration
 trained from scratch on the CPU (all encoder weights trainable), saved as a checkpoint with the provenance
@@ -18,12 +18,12 @@ it spends decoder passes where they teach most:
   sweeps without an abdomen, which a whole-case run must reject;
 * per epoch every positive frame (once, augmented online), 0.75 decoded negatives per positive, and 4
   head-only negatives per positive (encoder + frame head, no decoder: a fraction of the cost), see
-  `training.sampling.MixedBatches`;
+  `training.data.sampling.MixedBatches`;
 * batch 8, AdamW 1e-3 with 50 warm-up steps (a from-scratch network, not LoRA on a pretrained one),
   Dice + cross-entropy for the mask, bf16 autocast where the CPU has bf16 units, one torch thread, NHWC;
 * 42 epochs, the one with the lowest validation loss kept (validation: 160 frames, positives first): the
   frame head of a from-scratch encoder learns long after the mask is usable.
-* optionally (`--mine-epochs N`, off by default) N more epochs of hard-negative mining (training.mining)
+* optionally (`--mine-epochs N`, off by default) N more epochs of hard-negative mining (training.data.mining)
   from the best of those weights, AdamW 3e-4, half of every negative draw taken from the negatives the
   frame head still calls abdomen, again keeping the epoch with the lowest validation loss. Off by default
   because it fixed the acceptance cases at the cost of other replica cases (docs/training.md).
@@ -43,11 +43,30 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from training import layout
+from tqdm import tqdm
+
+from algorithm.contract import INPUT_FOLDER, read_stack
+from algorithm.model.checkpoint import load_checkpoint, save_checkpoint
+from algorithm.run import load, process_case
+from algorithm.runtime import choose_precision
+from training.cli import CommandParser, MissingInput, UsageError, existing_folder, number, run_command
+from training.data import layout
+from training.data.dataset import read_manifest
+from training.data.prepare import describe, prepare, prepare_key, prepared_matches
+from training.data.replica import MIN_FRAMES_PER_SWEEP, write_dataset
+from training.models.modes import FETALCLIP_MODES, FORMER_NAMES, mode_argument, parameters_table
+from training.params import (COUNT, POSITIVE, TrainConfig, add_recipe_arguments, add_sampling_arguments,
+                             add_schedule_arguments, check_device, check_fetalclip, recipe_from_args, recipe_groups,
+                             sampling_from_args, schedule_from_args)
+from training.run.distributed import DistContext, setup_distributed, shutdown
+from training.run.train import CHECKPOINT_NAME, configure_logging, result_rows, summarise, train
+from training.scoring.evaluate import evaluate
+from training.scoring.evaluate_frames import markdown_table
+from training.scoring.threshold_sweep import markdown as sweep_markdown, run as run_sweep
 
 log = logging.getLogger("training")
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DEMO_WEIGHTS = REPO / "algorithm" / "weights" / "fetalclipseg_small_replica.safetensors"
 DEMO_PROVENANCE = "replica-trained demo weights, not for clinical use"
 CHECK_SEED = 424242  # the acceptance cases; never a training seed
@@ -61,11 +80,6 @@ def predict_cases(weights: Path, data: Path, uuids: Sequence[str], out: Path, de
                   overrides: dict[str, Any] | None = None, progress: bool = True) -> dict[str, Any]:
     """The algorithm on whole cases of a release-layout folder, in process (one model load), written in the
     grand-challenge output layout: out/<uuid>/{contract.OUTPUT_MASK, contract.OUTPUT_FRAME}."""
-    from tqdm import tqdm
-
-    from algorithm.contract import read_stack
-    from algorithm.run import load, process_case
-
     network, checkpoint = load(weights, {"device": device, **(overrides or {})})
     timings = {}
     for uuid in tqdm(uuids, desc="test cases", unit="case", disable=not progress):
@@ -78,7 +92,7 @@ def predict_cases(weights: Path, data: Path, uuids: Sequence[str], out: Path, de
 
 
 def ground_truth_view(data: Path, uuids: Sequence[str], folder: Path) -> Path:
-    """A release-layout folder holding only `uuids` (symlinks, filtered CSV): training.evaluate scores every
+    """A release-layout folder holding only `uuids` (symlinks, filtered CSV): training.scoring.evaluate scores every
     case it finds, so the test split needs a folder of its own."""
     if folder.exists():
         shutil.rmtree(folder)
@@ -101,9 +115,7 @@ def ground_truth_view(data: Path, uuids: Sequence[str], folder: Path) -> Path:
 
 def challenge_score(weights: Path, data: Path, uuids: Sequence[str], out: Path, device: str = "auto",
                     overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Predict whole cases and score them with training.evaluate; returns its report (+ timings)."""
-    from training.evaluate import evaluate
-
+    """Predict whole cases and score them with training.scoring.evaluate; returns its report (+ timings)."""
     predictions = out / "predictions"
     run = predict_cases(weights, data, uuids, predictions, device, overrides)
     report = evaluate(predictions, ground_truth_view(data, uuids, out / "ground_truth"))
@@ -127,15 +139,12 @@ def challenge_table(rows: dict[str, dict[str, Any]]) -> str:
 
 def reproduce_runs(args: argparse.Namespace, prepared: Path) -> list[tuple[str, Any]]:
     """(report name, TrainConfig) of every mode and baseline `reproduce` trains, in order."""
-    from training.modes import canonical_mode
-    from training.params import TrainConfig, recipe_from_args
-
     recipe = recipe_from_args(args)
     # --train-encoder (default for the small config without FetalCLIP weights) replaces LoRA in our mode only:
     # the other modes reproduce published set-ups whatever the encoder's start.
-    train_encoder = args.train_encoder or (args.config == "small" and args.fetalclip is None)
+    train_encoder = args.train_encoder or (args.config == "small" and recipe["fetalclip"] is None)
     runs = []
-    for mode in dict.fromkeys(canonical_mode(m) for m in args.modes):
+    for mode in dict.fromkeys(args.modes):
         changes = dict(train_encoder=train_encoder and mode == "fixed",
                        decoder=args.decoder if mode == "fixed" else None)
         runs.append((mode, TrainConfig(prepared=prepared, out=args.out / mode, mode=mode,
@@ -145,8 +154,8 @@ def reproduce_runs(args: argparse.Namespace, prepared: Path) -> list[tuple[str, 
         if getattr(args, "baseline_weights", None):
             found = [p for p in sorted(Path(args.baseline_weights).glob(f"{name}.*")) if p.is_file()]
             if not found:
-                raise FileNotFoundError(f"no weights for baseline {name} in {args.baseline_weights} "
-                                        f"(expected {name}.safetensors or {name}.pth)")
+                raise MissingInput(f"no weights for baseline {name} in {args.baseline_weights} "
+                                   f"(expected {name}.safetensors or {name}.pth)")
             pretrained = str(found[0])
         runs.append((f"baseline-{name}", TrainConfig(prepared=prepared, out=args.out / f"baseline-{name}",
                                                      mode="baseline", backbone=name,
@@ -157,9 +166,6 @@ def reproduce_runs(args: argparse.Namespace, prepared: Path) -> list[tuple[str, 
 
 def prepare_once(args: argparse.Namespace, prepared: Path, ctx) -> dict:
     """Rank 0 prepares (or reuses a preparation made with the same key); the other ranks wait."""
-    from training.dataset import read_manifest
-    from training.prepare import prepare, prepare_key, prepared_matches
-
     if ctx.main:
         key = prepare_key(args.data, args.seed, args.all_sweeps, replica=args.replica)
         if prepared_matches(prepared, key):
@@ -173,17 +179,23 @@ def prepare_once(args: argparse.Namespace, prepared: Path, ctx) -> dict:
 
 
 def reproduce(args: argparse.Namespace) -> int:
-    from training.distributed import setup_distributed
-    from training.evaluate_frames import markdown_table
-    from training.modes import parameters_table
-    from training.prepare import describe
-    from training.threshold_sweep import markdown as sweep_markdown, run as run_sweep
-    from training.train import result_rows, summarise, train
-
+    """Every step of the reproduction. Its folder holds what each step completed (prepared data, run folders,
+    a stopped run's finished epochs); one this command made and that holds nothing when it stops is removed."""
     ctx = setup_distributed(args.device)
     out: Path = args.out
+    made = ctx.main and not out.exists()
     if ctx.main:
         out.mkdir(parents=True, exist_ok=True)
+    try:
+        return _reproduce(args, ctx)
+    except BaseException:
+        if made and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        raise
+
+
+def _reproduce(args: argparse.Namespace, ctx: DistContext) -> int:
+    out: Path = args.out
     prepared = args.prepared or out / "prepared"
     manifest = prepare_once(args, prepared, ctx)
     if ctx.main:
@@ -236,7 +248,7 @@ def reproduce(args: argparse.Namespace) -> int:
             f"cop{'y' if args.augment_copies == 1 else 'ies'} each, batch {args.batch_size}, AdamW {args.lr:g}, "
             f"{args.trials} trial(s) (mean ± std), {ctx.world} process(es); precision "
             f"{summaries[runs[0][0]]['trials'][0]['precision']}; encoder "
-            f"{'from FetalCLIP weights' if args.fetalclip else 'randomly initialised'}"
+            f"{'from FetalCLIP weights' if runs[0][1].fetalclip else 'randomly initialised'}"
             f"{'; max ' + str(args.max_steps) + ' steps' if args.max_steps else ''}.\n",
             "## Parameters\n", parameters_table(counts),
             "\n## Frame level (test split; positive = annotated frame)\n", markdown_table(frame_rows)]
@@ -256,8 +268,6 @@ def reproduce(args: argparse.Namespace) -> int:
 def cli_case_folder(data: Path, uuid: str, folder: Path) -> Path:
     """A grand-challenge /input folder for one release case (made once): a hard link to the release's image, or a
     copy across file systems; the algorithm reads nothing linked from outside its input folder."""
-    from algorithm.contract import INPUT_FOLDER
-
     if not (folder / INPUT_FOLDER / f"{uuid}.mha").exists():
         layout.stage_case(layout.image_path(data, uuid), folder, how="link")
     return folder
@@ -267,9 +277,6 @@ def check_weights(weights: Path, work: Path, cases: int = 4, seed: int = CHECK_S
                   frames_per_sweep: int = 140, device: str = "cpu", threads: int | None = None) -> dict[str, Any]:
     """The acceptance check: replica cases (seed 424242), `python -m algorithm` on each through its CLI,
     then `python -m training evaluate`. Returns the evaluation report."""
-    from training.evaluate import evaluate
-    from training.replica import write_dataset
-
     data = work / f"check_{seed}"
     if not (data / layout.CIRCUMFERENCES_CSV).is_file():
         write_dataset(data, cases, frames_per_sweep, seed)
@@ -290,15 +297,6 @@ def check_weights(weights: Path, work: Path, cases: int = 4, seed: int = CHECK_S
 
 
 def demo_weights(args: argparse.Namespace) -> int:
-    from algorithm.model.checkpoint import load_checkpoint, save_checkpoint
-    from algorithm.runtime import choose_precision
-    from training.replica import write_dataset
-    from training.prepare import describe, prepare
-    from training.params import TrainConfig, sampling_from_args, schedule_from_args
-    from training.train import CHECKPOINT_NAME, train
-
-    if args.seed == CHECK_SEED:
-        raise SystemExit(f"--seed {CHECK_SEED} makes the acceptance cases; train on another seed")
     work: Path = args.work
     work.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -322,7 +320,7 @@ def demo_weights(args: argparse.Namespace) -> int:
     final = work / "train" / CHECKPOINT_NAME
     epochs = f"{summary['trials'][0]['epochs_trained']} epochs"
     if args.mine_epochs:
-        # Stage 2: fine-tune the stage-1 weights with hard-negative mining (training.mining), with a fresh
+        # Stage 2: fine-tune the stage-1 weights with hard-negative mining (training.data.mining), with a fresh
         # optimiser and its own best epoch by validation loss.
         mined = dataclasses.replace(cfg, out=work / "mine", init=final, epochs=args.mine_epochs, lr=args.mine_lr,
                                     hard_negatives=args.hard_negatives, hard_negatives_from=0)
@@ -366,93 +364,85 @@ def demo_weights(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------------ commands
 
 def reproduce_parser() -> argparse.ArgumentParser:
-    from training.modes import FETALCLIP_MODES
-    from training.params import add_recipe_arguments
-
-    rep = argparse.ArgumentParser(prog="python -m training reproduce",
-                                  description="prepare -> train every mode -> frame table, threshold sweep -> "
-                                              "challenge score -> report")
-    rep.add_argument("--data", type=Path, required=True, help="release-layout folder (real or replica)")
-    rep.add_argument("--out", type=Path, required=True)
-    rep.add_argument("--prepared", type=Path, help="reuse / write prepared data here (default OUT/prepared)")
-    rep.add_argument("--modes", nargs="+", default=list(FETALCLIP_MODES), choices=list(FETALCLIP_MODES) + ["cls"])
+    rep = CommandParser(prog="python -m training reproduce", usage="%(prog)s --data DIR --out DIR [options]",
+                        description="prepare -> train every mode -> frame table, threshold sweep -> challenge "
+                                    "score -> report")
+    rep.add_argument("--data", type=existing_folder, required=True, help="release-layout folder (real or replica)")
+    rep.add_argument("--out", type=Path, required=True,
+                     help="the reproduction's folder: prepared data, one run folder per mode, report.md")
+    rep.add_argument("--prepared", type=Path, help="reuse / write prepared data here (default: OUT/prepared)")
+    rep.add_argument("--modes", nargs="+", default=list(FETALCLIP_MODES), type=mode_argument,
+                     choices=FETALCLIP_MODES, help=f"the modes to train, in order; {FORMER_NAMES}")
     rep.add_argument("--baselines", nargs="+", metavar="NAME",
-                     help="also train these baselines (training.baselines: densenet, swin, clip_openai, ... or "
-                          "a timm name); weights from --pretrained hub, or NAME.safetensors / NAME.pth in "
-                          "--baseline-weights")
-    rep.add_argument("--baseline-weights", type=Path, help="folder of local baseline weights, one file per name")
+                     help="also train these baselines (training.models.baselines: densenet, swin, clip_openai, ... "
+                          "or a timm name); weights from --pretrained hub, or NAME.safetensors / NAME.pth in "
+                          "--baseline-weights (default: none)")
+    rep.add_argument("--baseline-weights", type=existing_folder,
+                     help="folder of local baseline weights, one file per name (default: none)")
     rep.add_argument("--all-sweeps", action="store_true", help="prepare every sweep, not only those with an AC")
     rep.add_argument("--replica", action=argparse.BooleanOptionalAction, default=None,
                      help="the data is the replica (default: detected)")
     rep.add_argument("--skip-cases", action="store_true", help="no whole-case inference / challenge score")
-    add_recipe_arguments(rep)
+    add_recipe_arguments(recipe_groups(rep))
     rep.set_defaults(trials=5)  # the paper's five trials
-
     return rep
 
 
 def demo_weights_parser() -> argparse.ArgumentParser:
     """The shared schedule and sampling options with the demo recipe's defaults, plus its own."""
-    from training.params import add_sampling_arguments, add_schedule_arguments
-
-    demo = argparse.ArgumentParser(prog="python -m training demo-weights",
-                                   description="train the bundled small replica weights on the CPU")
-    demo.add_argument("--out", type=Path, default=DEMO_WEIGHTS)
-    demo.add_argument("--work", type=Path, default=REPO / "build" / "demo_weights")
-    demo.add_argument("--cases", type=int, default=60)
-    demo.add_argument("--frames-per-sweep", type=int, default=48)
-    demo.add_argument("--fractions", type=float, nargs=3, default=(0.85, 0.1, 0.05))
+    demo = CommandParser(prog="python -m training demo-weights",
+                         description="train the bundled small replica weights on the CPU (the small configuration "
+                                     "from scratch: no FetalCLIP weights)")
+    demo.add_argument("--out", type=Path, default=DEMO_WEIGHTS, help="the weights file to write")
+    demo.add_argument("--work", type=Path, default=REPO / "build" / "demo_weights",
+                      help="working folder: replica data, prepared frames, runs (reused when present)")
+    demo.add_argument("--cases", type=POSITIVE, default=60, help="replica cases to train on")
+    demo.add_argument("--frames-per-sweep", type=number(int, minimum=MIN_FRAMES_PER_SWEEP), default=48,
+                      help="frames per sweep of each replica case")
+    demo.add_argument("--fractions", type=number(float, minimum=0), nargs=3, default=(0.85, 0.1, 0.05),
+                      metavar=("TRAIN", "VAL", "TEST"), help="shares of the cases per split")
     add_schedule_arguments(demo)
     add_sampling_arguments(demo)
-    demo.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
-    demo.add_argument("--mine-epochs", type=int, default=0,
-                      help="then fine-tune this many epochs with hard-negative mining (default 0: none)")
-    demo.add_argument("--hard-negatives", type=float, default=0.5,
+    demo.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                      help="auto: bf16 on CPUs with bf16 units, else fp32")
+    demo.add_argument("--mine-epochs", type=COUNT, default=0,
+                      help="then fine-tune this many epochs with hard-negative mining (0: none)")
+    demo.add_argument("--hard-negatives", type=number(float, minimum=0, maximum=1), default=0.5,
                       help="stage 2: fraction of the negatives drawn by the frame head's P(abdomen)")
-    demo.add_argument("--mine-lr", type=float, default=3e-4)
-    demo.add_argument("--check", action="store_true", help="then score the weights on replica cases seed 424242")
-    demo.add_argument("--check-cases", type=int, default=4)
+    demo.add_argument("--mine-lr", type=number(float, above=0), default=3e-4, help="stage 2: AdamW learning rate")
+    demo.add_argument("--check", action="store_true",
+                      help=f"then score the weights on replica cases of seed {CHECK_SEED}")
+    demo.add_argument("--check-cases", type=POSITIVE, default=4, help="replica cases the check scores")
     # one torch thread: on a CPU shared with other jobs it did the work of two for a third of the CPU time
     demo.set_defaults(seed=2025, epochs=42, batch_size=8, lr=1e-3, warmup_steps=50, threads=1,
                       negatives_per_positive=0.75, head_negatives_per_positive=4.0, val_max_frames=160)
     return demo
 
 
-def _run(command, args: argparse.Namespace) -> int:
-    """A recipe with its exit codes: a snapshot that cannot be resumed is exit 2; processes shut down."""
-    from training.distributed import shutdown
-    from training.snapshot import SnapshotError
-
-    try:
-        return command(args)
-    except SnapshotError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    finally:
-        shutdown()
-
-
 def reproduce_main(argv: Sequence[str] | None = None) -> int:
-    """`python -m training reproduce` (also under torchrun)."""
-    from algorithm.runtime import choose_precision, resolve_device
-    from training.train import configure_logging
-
+    """`python -m training reproduce` (also under torchrun); exit codes as every training command."""
     configure_logging()
-    parser = reproduce_parser()
-    args = parser.parse_args(argv)
-    try:
-        choose_precision(args.precision, resolve_device(args.device))
-    except ValueError as exc:
-        parser.error(str(exc))
-    return _run(reproduce, args)
+    args = reproduce_parser().parse_args(argv)
+    return run_command(lambda: _recipe_command(reproduce, args))
 
 
 def demo_weights_main(argv: Sequence[str] | None = None) -> int:
     """`python -m training demo-weights`."""
-    from training.train import configure_logging
-
     configure_logging()
     argv = list(sys.argv[1:] if argv is None else argv)
     args = demo_weights_parser().parse_args(argv)
     args.argv = argv
-    return _run(demo_weights, args)
+    return run_command(lambda: _recipe_command(demo_weights, args))
+
+
+def _recipe_command(recipe, args: argparse.Namespace) -> int:
+    """Refuse what cannot work before anything starts; shut the process group down however the recipe ends."""
+    if recipe is reproduce:
+        check_fetalclip(args, args.modes)
+    elif args.seed == CHECK_SEED:
+        raise UsageError(f"--seed {CHECK_SEED} makes the acceptance cases; train on another seed")
+    check_device(getattr(args, "device", "cpu"), args.precision)
+    try:
+        return recipe(args)
+    finally:
+        shutdown()

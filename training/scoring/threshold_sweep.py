@@ -11,7 +11,6 @@ the F1-best threshold marked; mean over trials, thin lines per trial), `threshol
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -20,7 +19,9 @@ from typing import Any, Sequence
 import numpy as np
 
 from algorithm.config import FRAME_NONE, InferenceConfig
-from training.metrics import frame_level_metrics
+from training.cli import CommandParser
+from training.scoring.metrics import frame_level_metrics
+from training.scoring.report_plots import plt, save_figure
 
 THRESHOLDS = tuple(round(0.001 * k, 4) for k in range(1, 51))  # 0.1 % .. 5 % of the input, in 0.1 % steps
 TABLE_THRESHOLDS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05)
@@ -83,8 +84,6 @@ def markdown(result: dict[str, Any], title: str = "") -> str:
 
 
 def plot(result: dict[str, Any], path: Path, title: str = "") -> Path:
-    from training.report_plots import plt, save_figure  # the Agg backend, set there
-
     fig, ax = plt.subplots(figsize=(6, 5))
     for trial in result["per_trial"] if result["trials"] > 1 else []:
         ax.plot([r["recall"] for r in trial], [r["precision"] for r in trial], color="0.75", lw=0.8)
@@ -118,11 +117,11 @@ def run(frame_files: Sequence[Path], out: Path, title: str = "") -> dict[str, An
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m training threshold-sweep", description=__doc__.splitlines()[0])
+    parser = CommandParser(prog="python -m training threshold-sweep", description=__doc__.splitlines()[0])
     parser.add_argument("--frames", type=Path, nargs="+", required=True,
                         help="test_frames.npz (or val_frames.npz) of one or more trials")
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--title", default="")
+    parser.add_argument("--out", type=Path, required=True, help="folder for the table (JSON) and the plot")
+    parser.add_argument("--title", default="", help="title of the table and the plot (default: none)")
     args = parser.parse_args(argv)
     try:
         result = run(args.frames, args.out, args.title)

@@ -75,7 +75,7 @@ def draw_negatives(rng: np.random.Generator, negatives: np.ndarray, size: int,
 def score_negatives(model: torch.nn.Module, loader, device: torch.device, autocast) -> np.ndarray:
     """P(abdomen) of every frame `loader` yields, from the encoder and frame head only.
 
-    `loader` yields (image, mask, label) batches (training.evaluate_frames.frame_loader, unaugmented);
+    `loader` yields (image, mask, label) batches (training.scoring.evaluate_frames.frame_loader, unaugmented);
     `autocast` is a context-manager factory for the training precision. The model is left in eval mode.
     """
     model.eval()

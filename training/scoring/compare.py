@@ -12,7 +12,6 @@ score of every common test case, one marker per row).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -20,7 +19,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from training.modes import format_parameters
+from training.cli import CommandParser
+from training.models.modes import format_parameters
+from training.scoring.report_plots import plt, save_figure
 
 TIE = 1e-9
 
@@ -122,8 +123,6 @@ def markdown(rows: Sequence[dict[str, Any]], pairs: dict[str, Any]) -> str:
 
 
 def plot(pairs: dict[str, Any], path: Path, title: str = "") -> Path:
-    from training.report_plots import plt, save_figure  # the Agg backend, set there
-
     names, cases = list(pairs["scores"]), pairs["cases"]
     order = np.argsort([-np.mean([pairs["scores"][n][i] for n in names]) for i in range(len(cases))], kind="stable")
     fig, ax = plt.subplots(figsize=(max(6.0, 0.55 * len(cases) + 3) + 2.5, 4.5))
@@ -159,10 +158,10 @@ def compare(runs: Sequence[str], out: Path, title: str = "") -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m training compare", description=__doc__.splitlines()[0])
+    parser = CommandParser(prog="python -m training compare", description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", metavar="RUN", help="a `reproduce --out` folder, or LABEL=FOLDER")
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--title", default="")
+    parser.add_argument("--out", type=Path, required=True, help="folder for the comparison (JSON, table, plot)")
+    parser.add_argument("--title", default="", help="title of the table and the plot (default: none)")
     args = parser.parse_args(argv)
     try:
         result = compare(args.runs, args.out, args.title)

@@ -2,7 +2,7 @@
 
 `python -m training prepare` writes one folder per split holding memory-mappable arrays:
 
-    <prepared>/manifest.json            seed, case uuids per split, subjects, counts (see training.prepare)
+    <prepared>/manifest.json            seed, case uuids per split, subjects, counts (see training.data.prepare)
     <prepared>/<split>/images.npy       (N, 224, 224) uint8 grey, already padded to square and resized
     <prepared>/<split>/masks.npy        (N, 224, 224) uint8 release labels: 0 bg, 1 optimal, 2 suboptimal
     <prepared>/<split>/labels.npy       (N,) int8 frame class in the head's order (FRAME_NONE/SUBOPTIMAL/OPTIMAL)
@@ -14,6 +14,7 @@ up to the rounding of the resized grey levels to uint8 (< 0.5 grey level).
 """
 from __future__ import annotations
 
+import argparse
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,12 +26,13 @@ from torch.utils.data import Dataset
 
 from algorithm.config import FRAME_NONE, FRAME_OPTIMAL, FRAME_SUBOPTIMAL
 from algorithm.preprocess import normalise
+from training.cli import MissingInput, existing_folder
 
 SPLITS = ("train", "val", "test")
 MANIFEST = "manifest.json"
 ARRAYS = ("images", "masks", "labels", "index")
 
-# Release mask values (training.metrics.GT_OPTIMAL / GT_SUBOPTIMAL).
+# Release mask values (training.scoring.metrics.GT_OPTIMAL / GT_SUBOPTIMAL).
 MASK_OPTIMAL, MASK_SUBOPTIMAL = 1, 2
 
 Augment = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
@@ -48,8 +50,16 @@ def frame_labels(masks: np.ndarray) -> np.ndarray:
 def read_manifest(prepared: Path) -> dict:
     path = Path(prepared) / MANIFEST
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: run `python -m training prepare` first")
+        raise MissingInput(f"{path} not found: run `python -m training prepare` first")
     return json.loads(path.read_text())
+
+
+def prepared_folder(text: str) -> Path:
+    """argparse type of --prepared: the output of `python -m training prepare`."""
+    path = existing_folder(text)
+    if not (path / MANIFEST).is_file():
+        raise argparse.ArgumentTypeError(f"{path} holds no {MANIFEST}: run python -m training prepare first")
+    return path
 
 
 @dataclass
@@ -77,9 +87,6 @@ class SplitArrays:
         """bool (N,): frames with an annotated abdomen (optimal or suboptimal), the paper's positives."""
         return np.asarray(self.labels) != FRAME_NONE
 
-    def class_counts(self, classes: int = 3) -> np.ndarray:
-        return np.bincount(np.asarray(self.labels, dtype=np.int64), minlength=classes)
-
 
 def to_network_input(grey: np.ndarray | torch.Tensor) -> torch.Tensor:
     """(H, W) or (N, H, W) uint8 grey at network size -> (3, H, W) / (N, 3, H, W) CLIP-normalised float."""
@@ -96,7 +103,7 @@ def to_network_input(grey: np.ndarray | torch.Tensor) -> torch.Tensor:
 class FrameDataset(Dataset):
     """One prepared split as (image (3, S, S) float, abdomen mask (S, S) int64 {0, 1}, frame class int64).
 
-    `augment(grey, mask) -> (grey, mask)` works on uint8 arrays at network size (training.augment); the
+    `augment(grey, mask) -> (grey, mask)` works on uint8 arrays at network size (training.data.augment); the
     release labels are turned into the binary abdomen mask after augmentation, so the nearest-neighbour
     warp never mixes label values.
 
@@ -126,7 +133,7 @@ class FrameDataset(Dataset):
         return len(self.labels)
 
     def __getitem__(self, key: int | tuple[int, bool]) -> tuple[torch.Tensor, ...]:
-        """Frame `key`; a key (frame, decode) (training.train.MixedBatches) adds the decode flag."""
+        """Frame `key`; a key (frame, decode) (training.run.train.MixedBatches) adds the decode flag."""
         k, decode = (key, None) if not isinstance(key, tuple) else key
         i = k % len(self.frame_labels)
         grey = np.asarray(self.arrays.images[i])

@@ -22,6 +22,9 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+from scipy import stats
+
+from training.scoring.report_plots import plt
 
 Z_95 = 1.96
 
@@ -52,8 +55,6 @@ class BlandAltman:
 
 def _t_quantile(dof: int) -> float:
     """Two-sided 95 % quantile of Student's t with `dof` degrees of freedom."""
-    from scipy import stats
-
     return float(stats.t.ppf(0.975, dof))
 
 
@@ -103,11 +104,6 @@ def bland_altman(predicted: Sequence[float | None], reference: Sequence[float | 
 def plot_bland_altman(predicted: Sequence[float | None], reference: Sequence[float | None], path: Path,
                       title: str = "Abdominal circumference", unit: str = "mm") -> BlandAltman:
     """Two panels, predicted vs reference (identity line) and the Bland-Altman plot; PNG at `path`."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     result = bland_altman(predicted, reference)
     p, r = paired(predicted, reference)
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.6), dpi=110)

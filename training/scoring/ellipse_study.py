@@ -10,11 +10,10 @@ with every fit and compares the perimeter with the true one (the exact perimeter
 Writes `table.md`, `results.json` (every measurement) and `examples.png` to `--out`.
 
 The fits: the project's (`algorithm.biometry.fit_ellipse`, at its default edge band and at others) and the
-official scorer's (`training.official.official_fit_ellipse`).
+official scorer's (`training.scoring.official.official_fit_ellipse`).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -29,7 +28,10 @@ from scipy.special import ellipe
 
 from algorithm.biometry import EDGE_TOLERANCE_PX, Ellipse, fit_ellipse
 from algorithm.config import PIXEL_SPACING_MM
-from training.official import official_fit_ellipse
+from training.cli import CommandParser, number
+from training.data.replica import sector_fov
+from training.scoring.evaluate import read_fov_mask
+from training.scoring.official import official_fit_ellipse
 
 AC_RANGE_MM = (141.0, 351.0)  # the public training set's reference ACs
 ASPECT_RANGE = (0.6, 0.95)  # minor / major semi-axis: oblique to round cuts
@@ -285,23 +287,18 @@ def example_rows(records: Sequence[dict], chosen: str) -> list[tuple[int, str]]:
 
 def read_fov(path: Path | None) -> tuple[np.ndarray, str]:
     if path is None:
-        from training.replica import sector_fov
-
         return sector_fov(), "the replica's sector"
-    from training.evaluate import read_fov_mask
 
     return read_fov_mask(path), str(path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m training ellipse-study", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--ellipses", type=int, default=150)
-    parser.add_argument("--seed", type=int, default=0)
+    parser = CommandParser(prog="python -m training ellipse-study", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, required=True, help="folder for table.md, results.json, examples.png")
+    parser.add_argument("--ellipses", type=number(int, minimum=1), default=150, help="abdomens placed in the FOV")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the abdomens' placement")
     parser.add_argument("--fov-mask", type=Path, help="(H, W) FOV .mha (default: the replica's sector)")
     args = parser.parse_args(argv)
-    if args.ellipses < 1:
-        parser.error("--ellipses must be at least 1")
     try:
         fov, fov_name = read_fov(args.fov_mask)
     except (ValueError, OSError, RuntimeError) as error:

@@ -40,7 +40,7 @@ Where we differ from the official code
 6. The AC ellipse: see `algorithm.biometry` (largest blob's outer contour, a 4 px FOV-edge band; the
    official fit re-traces an erased line drawing and keeps one piece of it).
 
-`training.official` reproduces the official code itself, these differences included (`--official`).
+`training.scoring.official` reproduces the official code itself, these differences included (`--official`).
 """
 from __future__ import annotations
 

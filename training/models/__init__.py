@@ -1,0 +1,1 @@
+"""Models: what each training mode builds and trains (modes, baselines), its losses, and its snapshots."""

@@ -1,0 +1,1 @@
+"""Scoring: the challenge metrics (ours and the official code's), evaluations, comparisons and studies."""
