@@ -39,8 +39,7 @@ def stage_case(image: Path, input_dir: Path, how: str = "copy") -> Path:
     inputs.json naming it); returns the staged image.
 
     how: copy; link (a hard link: no copy of a 350 MB stack, falling back to a copy across file systems);
-    move; symlink (to the resolved source: for other readers only, since the algorithm refuses an image
-    linked from outside its input folder).
+    move; symlink (to the resolved source: no copy, across file systems too).
     """
     if how not in STAGING:
         raise ValueError(f"how must be one of {', '.join(STAGING)}, got {how!r}")

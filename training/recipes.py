@@ -255,7 +255,7 @@ def reproduce(args: argparse.Namespace) -> int:
 
 def cli_case_folder(data: Path, uuid: str, folder: Path) -> Path:
     """A grand-challenge /input folder for one release case (made once): a hard link to the release's image, or a
-    copy across file systems; the algorithm reads nothing linked from outside its input folder."""
+    copy across file systems."""
     from algorithm.contract import INPUT_FOLDER
 
     if not (folder / INPUT_FOLDER / f"{uuid}.mha").exists():
