@@ -16,14 +16,17 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from . import __version__, signals
 from .contract import check_writable
+from .batch import run_dataset
 from .errors import AlgorithmError, Interrupted
+from .inputs import is_dataset
 from .run import EXTRAS_DIR, load, output_lock, predict_case, read_case
 from .weights_location import resolve_weights
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m algorithm", description=__doc__.splitlines()[0])
-    parser.add_argument("--input", type=Path, default=Path("/input"), help="case folder (default /input)")
+    parser.add_argument("--input", type=Path, default=Path("/input"),
+                        help="case folder (default /input), image file, or dataset in the release layout")
     parser.add_argument("--output", type=Path, default=Path("/output"), help="output folder (default /output)")
     parser.add_argument("--weights", type=Path, default=None,
                         help="checkpoint (.safetensors) or a folder holding one; default: the one in "
@@ -49,10 +52,12 @@ def overrides_from(args: argparse.Namespace) -> dict:
     return {key: value for key, value in chosen.items() if value is not None}
 
 
-def run(args: argparse.Namespace) -> dict:
+def run(args: argparse.Namespace) -> dict | list:
     started = time.perf_counter()
     check_writable(args.output)
     with output_lock(args.output):
+        if is_dataset(args.input):  # the release layout: every case, one output folder each, cases.csv
+            return run_dataset(args.input, args.output, args.weights, overrides_from(args), not args.no_extras)
         return _run_locked(args, started)
 
 

@@ -12,12 +12,14 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from .contract import EXTRAS_DIR, Stack, find_input_image, output_lock, read_stack, write_outputs
+from .contract import EXTRAS_DIR, Stack, output_lock, read_stack, write_outputs
 from .errors import DeviceUnavailable, WeightsError
+from .inputs import case_image
 from .report import case_picture, write_png
 
 log = logging.getLogger("algorithm")
-__all__ = ["EXTRAS_DIR", "load", "output_lock", "peak_memory_gib", "predict_case", "process_case", "read_case"]
+__all__ = ["EXTRAS_DIR", "load", "output_lock", "peak_memory_gib", "predict_case", "process_case", "read_case",
+           "read_image"]
 
 
 def load(weights_path: Path, overrides: dict):
@@ -84,9 +86,13 @@ def process_case(predictor, checkpoint: dict, stack: Stack, output: Path, extras
     return result, summary
 
 
-def read_case(input_dir: Path) -> tuple[Stack, float]:
-    """The case folder's one stack, and the seconds its reading took."""
-    image_path = find_input_image(input_dir)
+def read_case(input_path: Path) -> tuple[Stack, float]:
+    """The stack of a case folder (or of an image file), and the seconds its reading took."""
+    return read_image(case_image(input_path))
+
+
+def read_image(image_path: Path) -> tuple[Stack, float]:
+    """One image's stack, and the seconds its reading took."""
     started = time.perf_counter()
     stack = read_stack(image_path)
     seconds = time.perf_counter() - started

@@ -8,8 +8,9 @@ import shutil
 from pathlib import Path
 
 from algorithm.contract import INPUT_FOLDER, INPUTS_JSON, OUTPUT_FRAME, OUTPUT_MASK, inputs_json
+from algorithm.inputs import RELEASE_IMAGE_FOLDER
 
-IMAGES_DIR = Path("images") / "stacked_fetal_ultrasound"
+IMAGES_DIR = RELEASE_IMAGE_FOLDER
 MASKS_DIR = Path("masks") / "stacked_fetal_abdomen"
 CIRCUMFERENCES_CSV = Path("circumferences") / "fetal_abdominal_circumferences_per_sweep.csv"
 CIRCUMFERENCES_HEADER = ["uuid", "subject_id"] + [f"sweep_{k}_ac_mm" for k in range(1, 7)]
