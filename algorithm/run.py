@@ -15,7 +15,7 @@ from typing import Callable
 from .contract import EXTRAS_DIR, Stack, output_lock, read_stack, write_outputs
 from .errors import DeviceUnavailable, WeightsError
 from .inputs import case_image
-from .report import case_picture, write_png
+from .report import case_picture, title, write_png
 
 log = logging.getLogger("algorithm")
 __all__ = ["EXTRAS_DIR", "load", "output_lock", "peak_memory_gib", "predict_case", "process_case", "read_case",
@@ -74,10 +74,9 @@ def process_case(predictor, checkpoint: dict, stack: Stack, output: Path, extras
                "device": str(predictor.device), "runtime": predictor.runtime}
     files = {}
     if extras:
-        caption = f"frame {result.frame}" + (f"  AC {result.ac_mm:.1f} mm" if result.ac_mm else "")
         picture = case_picture(stack.array, result.frame, result.mask, result.ellipse,
                                result.scores.probabilities, result.scores.mask_fractions,
-                               predictor.config.inference.sweeps, caption)
+                               predictor.config.inference.sweeps, title(result.frame, summary["plane"], result.ac_mm))
         files[EXTRAS_DIR / "chosen_frame.png"] = lambda path: write_png(path, picture)
         files[EXTRAS_DIR / "result.json"] = lambda path: path.write_text(json.dumps(summary, indent=2) + "\n")
     write_start = time.perf_counter()
