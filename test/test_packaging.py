@@ -141,3 +141,39 @@ def test_the_installed_algorithm_runs_a_case_from_any_folder_with_its_bundled_we
     assert package.is_relative_to(installed.parent.resolve()) and not package.is_relative_to(REPO)
     assert f"weights {package / 'weights' / Path(BUNDLED).name}:" in done.stderr
     assert isinstance(json.loads((tmp_path / "out" / "fetal-abdomen-frame-number.json").read_text()), int)
+
+
+# ------------------------------------------------------------------------------- what the project states
+
+def test_the_accepted_formats_are_stated_alike_in_messages_readme_and_docs(tmp_path):
+    from algorithm.contract import ACCEPTED_FORMATS, INPUT_FOLDER, find_input_image, read_stack
+    from algorithm.errors import InputError
+
+    assert ACCEPTED_FORMATS == ".mha, .mhd, .tif, .tiff, .nii, .nii.gz"
+    for document in ("README.md", "docs/robustness.md"):
+        assert ACCEPTED_FORMATS in (REPO / document).read_text(), document
+    (tmp_path / INPUT_FOLDER).mkdir(parents=True)
+    with pytest.raises(InputError, match=re.escape(f"no image ({ACCEPTED_FORMATS})")):
+        find_input_image(tmp_path)
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(InputError, match=re.escape(f"({ACCEPTED_FORMATS})")):
+        read_stack(tmp_path / "notes.txt")
+
+
+def test_weights_name_the_non_commercial_terms_they_inherit():
+    from algorithm.model.checkpoint import inherited_terms
+
+    assert inherited_terms(fetalclip=False, challenge_data=False) == ""
+    fetalclip, data = inherited_terms(True, False), inherited_terms(False, True)
+    assert "non-commercial" in fetalclip and "CC BY-NC 4.0" in fetalclip and "SA" not in fetalclip
+    assert "non-commercial" in data and "CC BY-NC-SA 4.0" in data and "FetalCLIP" not in data
+    assert "CC BY-NC 4.0" in inherited_terms(True, True) and "CC BY-NC-SA 4.0" in inherited_terms(True, True)
+
+
+def test_licence_notice_and_changelog():
+    assert (REPO / "LICENSE").read_text().split()[:4] == ["Apache", "License", "Version", "2.0,"]
+    licences = (REPO / "README.md").read_text().split("## Licences", 1)[1].split("\n## ", 1)[0]
+    for needle in ("Apache License 2.0", "CC BY-NC 4.0", "CC BY-NC-SA 4.0", "non-commercial"):
+        assert needle in licences, needle
+    changelog = (REPO / "CHANGELOG.md").read_text()
+    assert "## [Unreleased]" in changelog and f"## [{__version__}] - " in changelog
