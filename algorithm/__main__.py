@@ -15,8 +15,8 @@ from pathlib import Path
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from . import __version__, signals
-from .contract import check_writable
 from .batch import run_dataset
+from .contract import check_writable
 from .errors import AlgorithmError, Interrupted
 from .inputs import is_dataset
 from .run import EXTRAS_DIR, load, output_lock, predict_case, read_case
