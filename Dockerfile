@@ -20,7 +20,7 @@
 # /opt/ml/model/, or `./export.sh -w W` bakes W into /opt/ml/model/ in a layer on top of this image.
 # Locally, mount them: -v $PWD/model:/opt/ml/model:ro.
 #
-# Base image: official PyTorch runtime image with torch 2.14.1 (requirements.txt pins it), in its
+# Base image: official PyTorch runtime image with torch 2.14.1 (constraints.txt pins it), in its
 # CUDA 12.6 build: the oldest CUDA of torch's release matrix (cu126, cu129, cu130, cu132 since torch
 # 2.12; no cu128), so the one that runs on the oldest drivers: any CUDA 12.x build needs an NVIDIA
 # driver >= 525 (minor-version compatibility), a CUDA 13.x build (PyPI's default torch wheel, cu130)
@@ -34,7 +34,6 @@ ARG API=exec
 FROM ${BASE_IMAGE} AS app
 
 ENV PYTHONUNBUFFERED=1 \
-    PYTHONPATH=/opt/app \
     PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
@@ -51,37 +50,34 @@ ENV PYTHONUNBUFFERED=1 \
 RUN groupadd --system --gid 1001 user \
  && useradd --system --uid 1001 --gid 1001 --create-home --no-log-init --shell /bin/bash user
 
+# An empty, root-owned working folder: `python -m` puts the working folder first on sys.path.
 WORKDIR /opt/app
 
-# Runtime dependencies first (cache-friendly layer). The base image already ships torch and
-# torchvision: keep those (never pull a second multi-GB torch) and pin them as constraints so
-# that open_clip_torch / peft cannot upgrade them; install everything else from requirements.txt.
-COPY requirements.txt /opt/app/requirements.txt
+# Runtime dependencies first (a layer that code changes do not rebuild): pyproject.toml's dependencies and
+# its `container` extra at constraints.txt's versions, as `pip install '.[container]' -c constraints.txt`
+# would install them. The base image's torch, torchvision and CUDA wheels are kept (never a second
+# multi-GB torch) and pinned, so that open_clip_torch / peft cannot upgrade them
+# (tools/container/runtime_requirements.py).
+COPY pyproject.toml constraints.txt tools/container/runtime_requirements.py /tmp/src/
 RUN set -eu; \
-    cp /opt/app/requirements.txt /tmp/requirements.txt; : > /tmp/constraints.txt; \
-    for pkg in torch torchvision; do \
-        have="$(python -m pip list --format=freeze 2>/dev/null | grep -i "^${pkg}==" || true)"; \
-        if [ -n "$have" ]; then \
-            want="$(grep -iE "^[[:space:]]*${pkg}[[:space:]]*==" /tmp/requirements.txt | tr -d ' ' || true)"; \
-            echo "base image provides ${have} (requirements.txt: ${want:-unpinned})"; \
-            if [ -n "$want" ] && [ "${have%%+*}" != "${want%%+*}" ]; then \
-                echo "WARNING: ${pkg} of the base image differs from requirements.txt"; \
-            fi; \
-            echo "$have" >> /tmp/constraints.txt; \
-            sed -i -E "/^[[:space:]]*${pkg}[[:space:]]*([=<>!~;[]|$)/Id" /tmp/requirements.txt; \
-        fi; \
-    done; \
-    python -m pip install --no-cache-dir --constraint /tmp/constraints.txt --requirement /tmp/requirements.txt; \
+    python /tmp/src/runtime_requirements.py /tmp/src/pyproject.toml /tmp/src/constraints.txt /tmp/pip; \
+    python -m pip install --no-cache-dir --constraint /tmp/pip/constraints.txt --requirement /tmp/pip/requirements.txt; \
     python -c "import torch, torchvision, open_clip, peft, safetensors, SimpleITK, cv2, scipy, numpy, PIL, rich, fastapi, uvicorn; \
 print('torch', torch.__version__, 'cuda', torch.version.cuda, 'torchvision', torchvision.__version__)"; \
     command -v dumb-init; \
-    rm -f /tmp/requirements.txt /tmp/constraints.txt; rm -rf /root/.cache
+    rm -rf /tmp/src /tmp/pip /root/.cache
 
-# The algorithm package, byte-compiled because the user cannot write next to root-owned sources. No
-# weights, training code, tests or data (.dockerignore).
-COPY algorithm/ /opt/app/algorithm/
-RUN python -m compileall -q /opt/app/algorithm \
- && chmod -R a+rX /opt/app
+# The algorithm package, installed (and byte-compiled, since the user cannot write next to root-owned
+# sources) by pip from this tree: no weights, training code, tests or data are in the build context
+# (.dockerignore), so the package holds algorithm/ only and the training entry point is removed.
+COPY pyproject.toml README.md LICENSE /tmp/src/
+COPY algorithm/ /tmp/src/algorithm/
+RUN set -eu; \
+    python -m pip install --no-cache-dir --no-deps --no-build-isolation /tmp/src; \
+    rm -f "$(dirname "$(command -v fetalclipseg)")/fetalclipseg-train"; \
+    rm -rf /tmp/src /root/.cache; \
+    cd /; python -m compileall -q "$(python -c 'import algorithm, os; print(os.path.dirname(algorithm.__file__))')"; \
+    python -m algorithm --version
 
 USER 1001:1001
 

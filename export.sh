@@ -57,6 +57,12 @@ while [ $# -gt 0 ]; do
 done
 
 log() { echo "[export] $*"; }
+provenance() {  # provenance FILE: the provenance our checkpoints carry in their safetensors header
+    python3 -c 'import json, struct, sys
+with open(sys.argv[1], "rb") as fh:
+    header = json.loads(fh.read(struct.unpack("<Q", fh.read(8))[0]))
+print(header.get("__metadata__", {}).get("provenance", "(none recorded)"))' "$1" 2>/dev/null || echo "(unreadable)"
+}
 die() { echo "[export] error: $*" >&2; exit 1; }
 human() { numfmt --to=si --suffix=B "$1" 2>/dev/null || echo "$1 bytes"; }
 
@@ -135,3 +141,8 @@ if [ -n "$MODEL" ]; then
 fi
 log "sockets: $SOCKETS"
 log "settings: GPU required (T4, 16 GB), memory >= 16 GB; the container needs no network"
+for file in "$WEIGHTS" "$MODEL"; do
+    [ -z "$file" ] || log "weights $(basename "$file"): $(provenance "$file")"
+done
+log "licences: the code is Apache-2.0; weights made from the FetalCLIP weights (CC BY-NC 4.0) or the"
+log "  ACOUSLIC-AI data (CC BY-NC-SA 4.0) inherit their non-commercial terms (README, Licences)"

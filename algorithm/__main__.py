@@ -17,8 +17,10 @@ from typing import Iterator
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
 from . import __version__, signals
+from .batch import run_dataset
 from .contract import check_writable
 from .errors import AlgorithmError, Interrupted
+from .inputs import is_dataset
 from .options import add_inference_options, add_output_options, add_weights_option, inference_overrides
 from .progress import LoggedProgress, SearchProgress
 from .run import load, output_lock, predict_case, read_case
@@ -27,7 +29,8 @@ from .weights_location import resolve_weights
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m algorithm", description=__doc__.splitlines()[0])
-    parser.add_argument("--input", type=Path, default=Path("/input"), help="case folder (default /input)")
+    parser.add_argument("--input", type=Path, default=Path("/input"),
+                        help="case folder (default /input), image file, or dataset in the release layout")
     parser.add_argument("--output", type=Path, default=Path("/output"), help="output folder (default /output)")
     add_weights_option(parser)
     add_inference_options(parser)
@@ -71,10 +74,12 @@ def progress_display(quiet: bool) -> Iterator[SearchProgress]:
             yield BarProgress(bar)
 
 
-def run(args: argparse.Namespace) -> dict:
+def run(args: argparse.Namespace) -> dict | list:
     started = time.perf_counter()
     check_writable(args.output)
     with output_lock(args.output):
+        if is_dataset(args.input):  # the release layout: every case, one output folder each, cases.csv
+            return run_dataset(args.input, args.output, args.weights, inference_overrides(args), not args.no_extras)
         return _run_locked(args, started)
 
 

@@ -4,10 +4,13 @@ We do not use evalutils: it is retired (0.6 is an empty package) and its 0.4 alg
 into nested output folders such as our mask's. The contract is small enough to own: one input socket, two
 output sockets, named here and nowhere else.
 
-Reading is bounded and confined: nothing outside the input folder is read (paths are compared after
-resolving links, because on grand-challenge `/input` is itself a link to `/opt/ml/input/data/<job>-input`),
-the header is read before any pixel and checked against the caps below, and pixel data shorter than its
-header promises is an error, never uninitialised memory.
+Reading is bounded and confined. The socket folder and inputs.json must lie inside the input folder
+(compared after resolving links, because on grand-challenge `/input` is itself a link to
+`/opt/ml/input/data/<job>-input`); the image itself may be a symbolic link to a regular file anywhere: the
+platform writes real files, so a link there was made by whoever staged the case, and following it is what
+they asked for. A MetaImage's pixels come only from its own folder (metaimage.py). The header is read before
+any pixel and checked against the caps and the geometry rules below, and pixel data shorter than its header
+promises is an error, never uninitialised memory.
 """
 from __future__ import annotations
 
@@ -44,6 +47,7 @@ OUTPUT_FRAME = Path(f"{FRAME_SLUG}.json")
 EXTRAS_DIR = Path("fetalclipseg")  # what we write for people, beside the sockets
 OUR_OUTPUTS = (OUTPUT_MASK, OUTPUT_FRAME, EXTRAS_DIR / "result.json", EXTRAS_DIR / "chosen_frame.png")
 IMAGE_SUFFIXES = (".mha", ".mhd", ".tif", ".tiff", ".nii", ".nii.gz")
+ACCEPTED_FORMATS = ", ".join(IMAGE_SUFFIXES)  # how every message and document lists them
 IMAGE_IOS = {".mha": "MetaImageIO", ".mhd": "MetaImageIO", ".tif": "TIFFImageIO", ".tiff": "TIFFImageIO",
              ".nii": "NiftiImageIO", ".nii.gz": "NiftiImageIO"}  # never let SimpleITK guess from the content
 
@@ -59,6 +63,9 @@ MAX_ASPECT = 32  # longer side / shorter side of a frame
 MAX_PIXEL_BYTES = 2 * 1024**3  # the decoded pixel data: voxels x channels x bytes per value
 MAX_INPUTS_JSON_BYTES = 1024**2
 MAX_FOLDER_ENTRIES = 10_000  # files looked at in the socket folder
+# How far from orthonormal a direction matrix may be (largest entry of D D^T - I): MetaIO writes 6 significant
+# digits, so a rotation read back is off by about 1e-6.
+DIRECTION_TOLERANCE = 1e-3
 
 
 def inputs_json(image_name: str) -> list[dict]:
@@ -95,13 +102,22 @@ class Stack:
 
 # ---------------------------------------------------------------------------------------------- input
 
-def _suffix(path: Path) -> str:
+def image_suffix(path: Path) -> str:
     name = path.name.lower()
     return next((s for s in sorted(IMAGE_SUFFIXES, key=len, reverse=True) if name.endswith(s)), "")
 
 
-def _is_image(path: Path) -> bool:
-    return not path.name.startswith(".") and bool(_suffix(path)) and path.is_file()
+def is_image(path: Path) -> bool:
+    return not path.name.startswith(".") and bool(image_suffix(path)) and path.is_file()
+
+
+def not_regular(path: Path) -> str:
+    """Why an image-named entry cannot be read: a link to a device, a FIFO or a folder, or a broken link."""
+    if path.is_symlink():
+        target = os.path.realpath(path)
+        return f"a link to {target}, which is not a regular file" if os.path.exists(target) else \
+            f"a broken link to {os.readlink(path)}"
+    return "not a regular file"
 
 
 def _inside(root: str, path: Path) -> bool:
@@ -176,25 +192,29 @@ def find_input_image(input_dir: Path) -> Path:
         raise InputError(f"no image folder {folder}")
     if not _inside(root, folder):
         raise InputError(f"{folder} lies outside the input folder (a link to {os.path.realpath(folder)})")
-    images = []
+    images, unreadable = [], []
     try:
         with os.scandir(folder) as entries:
             for count, entry in enumerate(entries):
                 if count >= MAX_FOLDER_ENTRIES:
                     raise InputError(f"{folder} holds more than {MAX_FOLDER_ENTRIES} entries")
-                if _is_image(Path(entry.path)):
-                    images.append(Path(entry.path))
+                path = Path(entry.path)
+                if is_image(path):
+                    images.append(path)
+                elif image_suffix(path) and not path.name.startswith("."):
+                    unreadable.append(path)
     except OSError as error:
         raise InputError(f"{folder}: cannot be listed ({error.strerror or error})") from None
     images.sort()
+    if not images and unreadable:
+        first = min(unreadable)
+        raise InputError(f"{first}: {not_regular(first)}")
     if not images:
-        raise InputError(f"no image (.mha or .tif) in {folder}")
+        raise InputError(f"no image ({ACCEPTED_FORMATS}) in {folder}")
     if len(images) > 1:
         names = ", ".join(p.name for p in images[:10]) + (", ..." if len(images) > 10 else "")
         where = "inputs.json names this folder but it" if named_by_json else "no inputs.json, and the folder"
         raise InputError(f"{folder}: {where} holds {len(images)} images ({names}); expected one")
-    if not _inside(root, images[0]):
-        raise InputError(f"{images[0]} lies outside the input folder (a link to {os.path.realpath(images[0])})")
     return images[0]
 
 
@@ -221,6 +241,28 @@ def check_caps(path: Path, size: tuple[int, ...], channels: int, itemsize: int) 
                         f"values per voxel; at most {MAX_PIXEL_BYTES / 2**30:.0f} GiB)")
     if problems:
         raise InputError(f"{path}: refused: " + "; ".join(problems))
+
+
+def check_geometry(path: Path, spacing: Iterable[float], origin: Iterable[float],
+                   direction: Iterable[float]) -> None:
+    """Refuse, from the header alone, geometry that the output socket cannot repeat: spacing that is not
+    finite and positive, an origin that is not finite, a direction that is not an orthonormal matrix. Found
+    here, not by the writer after minutes of inference."""
+    spacing, origin, direction = (np.asarray(tuple(values), dtype=np.float64) for values in (spacing, origin,
+                                                                                             direction))
+    if not (np.isfinite(spacing).all() and (spacing > 0).all()):
+        raise InputError(f"{path}: refused: spacing {_numbers(spacing)} (each value must be finite and positive)")
+    if not np.isfinite(origin).all():
+        raise InputError(f"{path}: refused: origin {_numbers(origin)} is not finite")
+    side = int(round(np.sqrt(direction.size)))
+    if side * side != direction.size or not np.isfinite(direction).all() or \
+            np.abs(direction.reshape(side, side) @ direction.reshape(side, side).T - np.eye(side)).max() \
+            > DIRECTION_TOLERANCE:
+        raise InputError(f"{path}: refused: direction {_numbers(direction)} is not an orthonormal matrix")
+
+
+def _numbers(values: np.ndarray) -> str:
+    return "(" + ", ".join(f"{value:g}" for value in values) + ")"
 
 
 def _grey_blocks(blocks: Iterable[tuple[int, np.ndarray]], channels: int) -> Iterator[tuple[int, np.ndarray]]:
@@ -333,6 +375,7 @@ def _read_metaimage(path: Path) -> tuple[np.ndarray, str, sitk.ImageFileReader]:
         raise _metaimage_input_error(path, error) from None
     check_caps(path, header.size, header.channels, header.dtype.itemsize)
     reader = _geometry(path, "MetaImageIO")
+    check_geometry(path, reader.GetSpacing(), reader.GetOrigin(), reader.GetDirection())
     if tuple(reader.GetSize()) != header.size or reader.GetNumberOfComponents() != header.channels:
         raise InputError(f"{path}: header read two ways: size {header.size} x {header.channels} here, "
                          f"{reader.GetSize()} x {reader.GetNumberOfComponents()} by SimpleITK")
@@ -394,6 +437,7 @@ def _read_with_sitk(path: Path, io_name: str) -> tuple[np.ndarray, str, sitk.Ima
     size, channels = tuple(reader.GetSize()), reader.GetNumberOfComponents()
     itemsize = _itemsize(reader)
     check_caps(path, size, channels, itemsize)
+    check_geometry(path, reader.GetSpacing(), reader.GetOrigin(), reader.GetDirection())
     if io_name == "NiftiImageIO":
         _check_nifti_length(path, int(np.prod(size, dtype=object)) * channels * itemsize)
     try:
@@ -417,9 +461,9 @@ def _itemsize(reader: sitk.ImageFileReader) -> int:
 def read_stack(path: Path) -> Stack:
     """Read a 3-D grey (or RGB) stack as (frames, height, width) uint8, header first (see the module doc)."""
     path = Path(path)
-    suffix = _suffix(path)
+    suffix = image_suffix(path)
     if suffix not in IMAGE_IOS:
-        raise InputError(f"{path}: not an image file this algorithm reads ({', '.join(IMAGE_SUFFIXES)})")
+        raise InputError(f"{path}: not an image file this algorithm reads ({ACCEPTED_FORMATS})")
     try:
         if IMAGE_IOS[suffix] == "MetaImageIO":
             array, note, reader = _read_metaimage(path)

@@ -7,10 +7,12 @@ here the way MetaIO parses it (`name = value` lines, `=` or `:` as separator, na
 header ends at `ElementDataFile`), the data file is confined to the image's own folder, and the pixels are
 streamed out of exactly that file, frame block by frame block, with their length checked: a payload
 shorter (or longer) than the header promises is an error, never uninitialised memory. Geometry (spacing,
-origin, direction) is still SimpleITK's, read from the header alone.
+origin, direction) is still SimpleITK's, read from the header alone; its fields are checked here first,
+because MetaIO reads `nan` or a word as 0 and would hand over an origin the file never had.
 """
 from __future__ import annotations
 
+import math
 import os
 import stat
 import zlib
@@ -32,9 +34,12 @@ ELEMENT_TYPES = {
     "MET_FLOAT": "f4", "MET_DOUBLE": "f8",
 }
 LOCAL = ("LOCAL", "Local", "local")  # the spellings MetaIO takes for "pixels follow the header"
+# Geometry fields (MetaIO's synonyms included): every value a finite number; spacing and size also positive.
+POSITIVE_FIELDS = ("ElementSpacing", "ElementSize")
+FINITE_FIELDS = ("Offset", "Origin", "Position", "CenterOfRotation", "TransformMatrix", "Rotation", "Orientation")
 FIELDS = ("ObjectType", "NDims", "DimSize", "ElementType", "ElementNumberOfChannels", "CompressedData",
           "CompressedDataSize", "BinaryData", "BinaryDataByteOrderMSB", "ElementByteOrderMSB", "HeaderSize",
-          "ElementDataFile")
+          "ElementDataFile") + POSITIVE_FIELDS + FINITE_FIELDS
 
 
 class MetaImageError(ValueError):
@@ -78,6 +83,20 @@ def _int(name: str, value: str, low: int = 0) -> int:
     if number < low:
         raise MetaImageError(f"{name} = {number} is below {low}")
     return number
+
+
+def _check_geometry_fields(fields: dict[str, str]) -> None:
+    for name in POSITIVE_FIELDS + FINITE_FIELDS:
+        if name not in fields:
+            continue
+        try:
+            values = [float(word) for word in fields[name].split()]
+        except ValueError:
+            raise MetaImageRefused(f"{name} = {fields[name][:60]!r} is not a list of numbers") from None
+        if not all(math.isfinite(value) for value in values):
+            raise MetaImageRefused(f"{name} = {fields[name][:60]!r} is not finite")
+        if name in POSITIVE_FIELDS and not all(value > 0 for value in values):
+            raise MetaImageRefused(f"{name} = {fields[name][:60]!r}: spacing must be positive")
 
 
 def parse_fields(head: bytes) -> tuple[dict[str, str], int]:
@@ -131,9 +150,10 @@ def _data_file(header_path: Path, name: str) -> Path:
 
 def read_header(path: Path) -> MetaHeader:
     """Parse and validate the header of `path` (reads at most HEADER_BYTES)."""
-    with open(path, "rb") as fh:
+    with _open_regular(path) as fh:
         head = fh.read(HEADER_BYTES)
     fields, offset = parse_fields(head)
+    _check_geometry_fields(fields)
     if fields.get("ObjectType", "Image") != "Image":
         raise MetaImageError(f"ObjectType = {fields['ObjectType'][:40]!r}, not Image")
     for required in ("NDims", "DimSize", "ElementType"):
@@ -166,10 +186,11 @@ def read_header(path: Path) -> MetaHeader:
 
 
 def _open_regular(path: Path):
-    fh = open(path, "rb")
-    if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):  # a link swapped for a device after the check
+    """`path` opened for reading, refused unless it is a regular file (non-blocking: a FIFO cannot hang us)."""
+    fh = os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC), "rb")
+    if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):  # e.g. a link swapped for a device after the check
         fh.close()
-        raise MetaImageRefused(f"the data file {path.name} is not a regular file")
+        raise MetaImageRefused(f"{path.name} is not a regular file")
     return fh
 
 

@@ -11,14 +11,16 @@ import sys
 import time
 from pathlib import Path
 
-from .contract import EXTRAS_DIR, Stack, find_input_image, output_lock, read_stack, write_outputs
+from .contract import EXTRAS_DIR, Stack, output_lock, read_stack, write_outputs
 from .errors import DeviceUnavailable, WeightsError
+from .inputs import case_image
 from .options import InferenceOverrides
 from .progress import SearchProgress
-from .report import case_picture, write_png
+from .report import case_picture, title, write_png
 
 log = logging.getLogger("algorithm")
-__all__ = ["EXTRAS_DIR", "load", "output_lock", "peak_memory_gib", "predict_case", "process_case", "read_case"]
+__all__ = ["EXTRAS_DIR", "load", "output_lock", "peak_memory_gib", "predict_case", "process_case", "read_case",
+           "read_image"]
 
 
 def load(weights_path: Path, overrides: InferenceOverrides | None = None):
@@ -75,10 +77,9 @@ def process_case(network, checkpoint: dict, stack: Stack, output: Path, extras: 
                "device": str(network.device), "runtime": network.runtime}
     files = {}
     if extras:
-        caption = f"frame {result.frame}" + (f"  AC {result.ac_mm:.1f} mm" if result.ac_mm else "")
         picture = case_picture(stack.array, result.frame, result.mask, result.ellipse,
                                result.scores.probabilities, result.scores.mask_fractions,
-                               network.config.inference.sweeps, caption)
+                               network.config.inference.sweeps, title(result.frame, summary["plane"], result.ac_mm))
         files[EXTRAS_DIR / "chosen_frame.png"] = lambda path: write_png(path, picture)
         files[EXTRAS_DIR / "result.json"] = lambda path: path.write_text(json.dumps(summary, indent=2) + "\n")
     write_start = time.perf_counter()
@@ -87,9 +88,13 @@ def process_case(network, checkpoint: dict, stack: Stack, output: Path, extras: 
     return result, summary
 
 
-def read_case(input_dir: Path) -> tuple[Stack, float]:
-    """The case folder's one stack, and the seconds its reading took."""
-    image_path = find_input_image(input_dir)
+def read_case(input_path: Path) -> tuple[Stack, float]:
+    """The stack of a case folder (or of an image file), and the seconds its reading took."""
+    return read_image(case_image(input_path))
+
+
+def read_image(image_path: Path) -> tuple[Stack, float]:
+    """One image's stack, and the seconds its reading took."""
     started = time.perf_counter()
     stack = read_stack(image_path)
     seconds = time.perf_counter() - started

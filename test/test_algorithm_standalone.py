@@ -19,9 +19,13 @@ MODULES = sorted(
     for path in PACKAGE.rglob("*.py") if "__pycache__" not in path.parts)
 
 # Run isolated (-I: no PYTHONPATH, no user site, no script or working folder on sys.path), with the copy's
-# folder as the only entry besides the standard library and this interpreter's site-packages.
+# folder as the only entry besides the standard library and this interpreter's site-packages. An editable
+# install of this project (`make setup`) maps its packages to the checkout through setuptools' finder:
+# the image has no such thing, so the probe removes it.
 PROBE = """
 import importlib, json, sys, traceback
+sys.meta_path[:] = [f for f in sys.meta_path if not getattr(f, "__module__", "").startswith("__editable__")]
+sys.path[:] = [p for p in sys.path if not p.startswith("__editable__")]
 sys.path.insert(0, sys.argv[1])
 results = {}
 for name in sys.argv[2:]:

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from algorithm.contract import INPUT_FOLDER
 from algorithm.metaimage import ELEMENT_TYPES
-from hostile import OpenWatch, run_measured
+from hostile import OpenWatch, mha_header, run_measured
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux (VmHWM, inotify)")
 
@@ -142,3 +142,79 @@ def test_any_mha_header_exits_0_or_2_reads_nothing_outside_and_stays_bounded(tmp
         assert run.code == 2, header
     if header.compressed and header.compressed_size in ("larger", "smaller", "garbage"):
         assert run.code == 2, header
+
+
+# ----------------------------------------------------------------------------------------------- geometry
+
+GEOMETRY_REFUSED = [
+    ("ElementSpacing = 0 0.28 1", "ElementSpacing"),
+    ("ElementSpacing = -0.28 0.28 1", "ElementSpacing"),
+    ("ElementSpacing = nan 0.28 1", "ElementSpacing"),
+    ("ElementSpacing = 0.28 inf 1", "ElementSpacing"),
+    ("ElementSpacing = 0.28 0.28 one", "ElementSpacing"),
+    ("Offset = nan 0 0", "Offset"),
+    ("Origin = 0 -inf 0", "Origin"),
+    ("Position = 0 0 1e400", "Position"),
+    ("TransformMatrix = nan 0 0 0 1 0 0 0 1", "TransformMatrix"),
+    ("TransformMatrix = 2 0 0 0 1 0 0 0 1", "direction"),  # scaled
+    ("TransformMatrix = 1 0.5 0 0 1 0 0 0 1", "direction"),  # skewed
+    ("TransformMatrix = 1 0 0 1 0 0 0 0 1", "direction"),  # singular
+]
+
+
+def geometry_case(root: Path, extra: str) -> Path:
+    folder = root / "in" / INPUT_FOLDER
+    folder.mkdir(parents=True)
+    pixels = np.random.default_rng(3).integers(0, 120, (12, 30, 40), dtype=np.uint8).tobytes()
+    (folder / "case.mha").write_bytes(mha_header((40, 30, 12), extra=extra) + pixels)
+    return root / "in"
+
+
+@pytest.mark.parametrize("extra, field", GEOMETRY_REFUSED)
+def test_geometry_the_writer_would_refuse_is_refused_from_the_header(tmp_path, random_weights, capsys,
+                                                                     monkeypatch, extra, field):
+    """Spacing that is not finite and positive, an origin that is not finite, a direction that is not
+    orthonormal: exit 2 with one line naming the field, before the network is loaded (the writer used to
+    find them after the whole case had run, as exit 4 blaming the output folder)."""
+    from algorithm import __main__ as cli
+
+    monkeypatch.setattr(cli, "load", lambda *args, **kwargs: pytest.fail("the network was loaded"))
+    case = geometry_case(tmp_path, extra)
+    code = cli.main(["--input", str(case), "--output", str(tmp_path / "out"), "--weights", str(random_weights),
+                     "--device", "cpu", "--quiet"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, lines
+    assert lines[0].startswith("error: ") and "case.mha: refused" in lines[0] and field in lines[0], lines[0]
+    assert not (tmp_path / "out").exists() or not any(p.is_file() for p in (tmp_path / "out").rglob("*"))
+
+
+def test_a_negative_nifti_spacing_is_refused(tmp_path, random_weights, capsys):
+    """The same rule for formats SimpleITK reads alone: a NIfTI whose pixdim[1] is negative."""
+    import struct
+
+    import SimpleITK as sitk
+
+    from algorithm.__main__ import main
+
+    folder = tmp_path / "in" / INPUT_FOLDER
+    folder.mkdir(parents=True)
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((12, 30, 40), np.uint8)), str(folder / "case.nii"))
+    data = bytearray((folder / "case.nii").read_bytes())
+    data[80:84] = struct.pack("<f", -0.28)  # pixdim[1]
+    (folder / "case.nii").write_bytes(bytes(data))
+    assert main(["--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--weights",
+                 str(random_weights), "--device", "cpu", "--quiet"]) == 2
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    assert message.startswith("error: ") and "case.nii: refused: spacing (-0.28" in message, message
+
+
+def test_a_rotated_stack_keeps_its_geometry(tmp_path, random_weights):
+    """A rotation written with MetaIO's 6 digits is orthonormal enough: it runs and the mask repeats it."""
+    from algorithm.__main__ import main
+    from test_cli import assert_contract
+
+    case = geometry_case(tmp_path, "Offset = -3 4.5 10\nTransformMatrix = 0.707107 0.707107 0 -0.707107 "
+                                   "0.707107 0 0 0 1\nElementSpacing = 0.28 0.3 1.5")
+    assert main(["--input", str(case), "--output", str(tmp_path / "out"), "--weights", str(random_weights),
+                 "--device", "cpu", "--quiet", "--no-extras"]) == 0
+    assert_contract(case / INPUT_FOLDER / "case.mha", tmp_path / "out")

@@ -16,6 +16,7 @@ import SimpleITK as sitk
 from algorithm.__main__ import main
 from algorithm.contract import INPUT_FOLDER, INPUT_SLUG, MAX_FRAMES, MAX_SIDE, OUTPUT_FRAME
 from conftest import case_from_array
+from training.data.layout import image_path, stage_case
 from hostile import OpenWatch, mha_header, run_measured, write_short_compressed
 from test_cli import assert_contract
 
@@ -217,11 +218,41 @@ def test_input_folder_that_is_a_link_works(tmp_path, random_weights, small_case)
     assert_contract(next((job / INPUT_FOLDER).iterdir()), tmp_path / "out")
 
 
-def test_image_linked_from_outside_is_refused(tmp_path, random_weights, capsys, outside):
+def test_image_linked_from_outside_runs(tmp_path, random_weights, small_case):
+    """A case staged with a symbolic link to its image (no copy of a 350 MB stack) is read through the link."""
+    _, release, uuid = small_case
+    stage_case(image_path(release, uuid), tmp_path / "in", how="symlink")
+    assert run(tmp_path / "in", tmp_path / "out", random_weights) == 0
+    assert_contract(image_path(release, uuid), tmp_path / "out")
+
+
+@pytest.mark.parametrize("target", ["/dev/urandom", "/dev/zero", "FIFO", "FOLDER", "MISSING"])
+def test_image_linked_to_what_is_not_a_regular_file_is_refused(tmp_path, random_weights, capsys, target):
     folder = socket_folder(tmp_path)
-    os.symlink(outside / "elsewhere.mha", folder / "case.mha")
+    special = {"FIFO": tmp_path / "fifo", "FOLDER": tmp_path / "folder", "MISSING": tmp_path / "missing"}
+    if target == "FIFO":
+        os.mkfifo(special[target])  # opening it for reading would wait for a writer for ever
+    if target == "FOLDER":
+        special[target].mkdir()
+    os.symlink(special.get(target, target), folder / "case.mha")
+    message = refused(capsys, tmp_path / "in", tmp_path / "out", random_weights, "case.mha")
+    assert "broken link" in message if target == "MISSING" else "not a regular file" in message
+
+
+@pytest.mark.parametrize("data_file", ["secret.raw", "../outside/secret.raw", "ABSOLUTE"])
+def test_header_linked_from_elsewhere_reads_pixels_only_beside_the_link(tmp_path, random_weights, capsys,
+                                                                         outside, data_file):
+    """Following a link to a header does not widen where its pixels may come from: the data file is looked for
+    beside the link, inside the input folder. Beside the header's real place lie pixels of exactly the size it
+    declares (a run reading them would succeed), and from there `../outside/` reaches the watched folder."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    shutil.copyfile(outside / "secret.raw", elsewhere / "secret.raw")
+    name = str(outside / "secret.raw") if data_file == "ABSOLUTE" else data_file
+    (elsewhere / "header.mhd").write_bytes(mha_header((64, 64, 8), data_file=name))
+    os.symlink(elsewhere / "header.mhd", socket_folder(tmp_path) / "case.mhd")
     outside.watch()
-    refused(capsys, tmp_path / "in", tmp_path / "out", random_weights, "outside the input folder")
+    refused(capsys, tmp_path / "in", tmp_path / "out", random_weights, "case.mhd", "ElementDataFile")
 
 
 @pytest.mark.parametrize("relative", ["../outside", "ABSOLUTE", "images/../../outside"])

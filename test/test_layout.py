@@ -35,11 +35,7 @@ def test_every_way_of_staging_gives_a_case_the_algorithm_finds(tmp_path, image, 
     assert staged.is_symlink() == (how == "symlink")
     if how == "link":
         assert os.stat(staged).st_ino == os.stat(image).st_ino
-    if how == "symlink":  # a link out of the input folder: staged for tools, refused by the algorithm
-        with pytest.raises(InputError, match="outside the input folder"):
-            find_input_image(tmp_path / "input")
-    else:
-        assert read_stack(find_input_image(tmp_path / "input")).array.shape == (2, 3, 4)
+    assert read_stack(find_input_image(tmp_path / "input")).array.shape == (2, 3, 4)
 
 
 def test_an_unknown_way_is_refused(tmp_path, image):

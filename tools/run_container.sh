@@ -10,10 +10,12 @@
 # Phases (each one timed):
 #   1. docker   - a Docker engine that answers; with INSTALL_DOCKER=1, install docker.io and start dockerd
 #   2. base     - the Dockerfile's BASE_IMAGE if present or pullable, else (INSTALL_DOCKER=1) a local
-#                 stand-in built by tools/container/build_base.sh (debootstrap bookworm + venv with
-#                 requirements.txt), cached by a hash of requirements.txt and the recipe
+#                 stand-in built by tools/container/build_base.sh (debootstrap bookworm + venv with the
+#                 runtime dependencies of pyproject.toml at constraints.txt's versions), cached by a hash of
+#                 those files and the recipe
 #   3. build    - docker build --build-arg API=exec|invoke; checks the non-root USER, that the label
-#                 org.grand-challenge.api-method and the entrypoint agree, the contents, no weights inside
+#                 org.grand-challenge.api-method and the entrypoint agree, that the installed package is
+#                 the working tree's algorithm/ and nothing else of the repository, no weights inside
 #   4. weights  - $TEST_WEIGHTS, else the bundled algorithm/weights/*.safetensors, else a random small
 #                 checkpoint; staged as the model tarball's contents (mounted at /opt/ml/model), and baked
 #                 into a copy of the exec image by ./export.sh -w
@@ -136,7 +138,7 @@ elif [ "${CONTAINER_TEST_PULL:-1}" = 1 ] && timeout 1800 docker pull -q "$BASE_I
     log "pulled base image $BASE_IMAGE"
 else
     [ "$INSTALL_DOCKER" = 1 ] || skip "base image $BASE_IMAGE is not present and cannot be pulled; INSTALL_DOCKER=1 make test builds a local stand-in with debootstrap (needs root)"
-    log "cannot pull $BASE_IMAGE: building the local stand-in (debootstrap + venv; cached per requirements.txt)"
+    log "cannot pull $BASE_IMAGE: building the local stand-in (debootstrap + venv; cached per pyproject.toml and constraints.txt)"
     if ! command -v debootstrap >/dev/null 2>&1; then
         apt_install debootstrap
     fi
@@ -165,13 +167,17 @@ for api in "${APIS[@]}"; do
     UID_IN="$(docker run --rm --network none --entrypoint id "$tag" -u)"
     GID_IN="$(docker run --rm --network none --entrypoint id "$tag" -g)"
     [ "$UID_IN" != 0 ] || die "the container runs as root (id -u = 0)"
-    CONTENTS="$(docker run --rm --network none --entrypoint sh "$tag" -c 'cd /opt/app && ls -A')"
-    for unwanted in training test .venv .git data runs; do
-        if printf '%s\n' "$CONTENTS" | grep -qx "$unwanted"; then die "/opt/app contains $unwanted (.dockerignore)"; fi
+    # Where pip installed the package (site-packages), from a neutral working folder.
+    SITE="$(docker run --rm --network none --entrypoint python -w / "$tag" -c \
+            'import algorithm, os; print(os.path.dirname(os.path.dirname(os.path.abspath(algorithm.__file__))))')"
+    [ -n "$SITE" ] || die "$tag: python cannot import the algorithm package"
+    CONTENTS="$(docker run --rm --network none --entrypoint sh "$tag" -c "ls -A /opt/app '$SITE'")"
+    for unwanted in training tools test .venv .git data runs; do
+        if printf '%s\n' "$CONTENTS" | grep -qx "$unwanted"; then die "$tag holds $unwanted in /opt/app or $SITE (.dockerignore)"; fi
     done
-    IMAGE_HASH="$(docker run --rm --network none --entrypoint sh -w /opt/app "$tag" -c "$TREE_HASH_CMD")"
+    IMAGE_HASH="$(docker run --rm --network none --entrypoint sh -w "$SITE" "$tag" -c "$TREE_HASH_CMD")"
     [ "$IMAGE_HASH" = "$BUILT_HASH" ] \
-        || die "the image's /opt/app/algorithm differs from the working tree's algorithm/ (hash $IMAGE_HASH != $BUILT_HASH): check .dockerignore"
+        || die "the image's $SITE/algorithm differs from the working tree's algorithm/ (hash $IMAGE_HASH != $BUILT_HASH): check .dockerignore and pyproject.toml's package data"
     BAKED="$(docker run --rm --network none --entrypoint sh "$tag" -c \
              'find / -xdev \( -path /proc -o -path /sys \) -prune -o -name "*.safetensors" -print 2>/dev/null; ls -A /opt/ml 2>/dev/null' || true)"
     [ -z "$BAKED" ] || die "$tag contains weights: $BAKED (the submission image must hold none)"

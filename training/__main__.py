@@ -35,7 +35,7 @@ def usage() -> str:
     lines = ["usage: python -m training <command> [options]", "",
              "The dev side: data, training, evaluation, benchmarks.", "", "commands:"]
     lines += [f"  {name:<{width}}  {help_line}" for name, (_, help_line) in COMMANDS.items()]
-    lines += ["", "python -m training <command> --help shows a command's options."]
+    lines += ["", "python -m training <command> --help shows a command's options; --version the version."]
     return "\n".join(lines)
 
 
@@ -44,6 +44,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
         return 0 if argv else 2
+    if argv[0] == "--version":
+        from algorithm import __version__
+
+        print(f"python -m training {__version__}")
+        return 0
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
         print(f"{usage()}\n\nerror: unknown command {command!r}", file=sys.stderr)

@@ -47,6 +47,21 @@ MAX_NAME_LENGTH = 200
 MODULE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 
 
+# Weights carry the terms of what they were made from; the code's Apache-2.0 licence does not reach them.
+FETALCLIP_TERMS = "the FetalCLIP weights (CC BY-NC 4.0)"
+CHALLENGE_DATA_TERMS = "the ACOUSLIC-AI data (CC BY-NC-SA 4.0)"
+
+
+def inherited_terms(fetalclip: bool, challenge_data: bool) -> str:
+    """The provenance clause naming the non-commercial terms that weights made from FetalCLIP's weights or the
+    challenge's data inherit ("" when made from neither); see the README, Licences."""
+    sources = [terms for used, terms in ((fetalclip, FETALCLIP_TERMS), (challenge_data, CHALLENGE_DATA_TERMS))
+               if used]
+    if not sources:
+        return ""
+    return f"non-commercial use only: made from {' and '.join(sources)}, whose terms these weights inherit"
+
+
 class CheckpointError(WeightsError):
     """A checkpoint file that is missing, unreadable, not one of ours, or whose contents cannot be trusted."""
 

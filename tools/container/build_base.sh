@@ -4,11 +4,14 @@
 # Used by tools/run_container.sh when the Dockerfile's default BASE_IMAGE cannot be
 # pulled (no registry reachable). Recipe: debootstrap a minimal Debian bookworm
 # (python3 3.11, matching the cp311 wheels on the host), create /opt/venv inside it,
-# pip-install requirements.txt into that venv with the host's pip configuration and
-# local wheel folders bind-mounted into the chroot, strip caches, `docker import`.
+# pip-install the container's requirements (pyproject.toml's runtime dependencies at
+# constraints.txt's versions, as tools/container/runtime_requirements.py lists them) into
+# that venv with the host's pip configuration and local wheel folders bind-mounted into
+# the chroot, strip caches, `docker import`. The Dockerfile's own install then finds
+# everything in place and needs no network.
 #
-# The image is tagged by a hash of requirements.txt and this recipe, so it is built
-# once per machine and reused afterwards. Prints the tag as the last line of stdout;
+# The image is tagged by a hash of those inputs and this recipe, so it is built once per
+# machine and reused afterwards. Prints the tag as the last line of stdout;
 # all progress goes to stderr.
 #
 # usage: tools/container/build_base.sh            (needs root, debootstrap, docker)
@@ -19,14 +22,14 @@ set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO_ROOT="$(cd "$HERE/../.." && pwd)"
-REQ="$REPO_ROOT/requirements.txt"
+INPUTS=("$REPO_ROOT/pyproject.toml" "$REPO_ROOT/constraints.txt" "$HERE/runtime_requirements.py")
 BASE_REPO="${BASE_REPO:-acouslic-local-base}"
 MIRROR="${DEBIAN_MIRROR:-http://deb.debian.org/debian}"
 SUITE=bookworm
 
 log() { echo "[build_base] $*" >&2; }
 
-HASH="$(cat "$REQ" "${BASH_SOURCE[0]}" | sha256sum | cut -c1-12)"
+HASH="$(cat "${INPUTS[@]}" "${BASH_SOURCE[0]}" | sha256sum | cut -c1-12)"
 TAG="$BASE_REPO:$HASH"
 
 if docker image inspect "$TAG" >/dev/null 2>&1; then
@@ -82,7 +85,7 @@ for d in /opt/wheels /opt/pypi /opt/pypi-more; do bind "$d" "$d" ro; done
 cp -L /etc/resolv.conf "$WORK/resolv.conf" 2>/dev/null && bind "$WORK/resolv.conf" /etc/resolv.conf ro
 HOST_CA=/etc/ssl/certs/ca-certificates.crt
 [ -f "$HOST_CA" ] && { cp -L "$HOST_CA" "$WORK/host-ca.crt"; bind "$WORK/host-ca.crt" /tmp/host-ca.crt ro; }
-cp "$REQ" "$ROOTFS/tmp/requirements.txt"
+mkdir -p "$ROOTFS/tmp/src"; cp "${INPUTS[@]}" "$ROOTFS/tmp/src/"
 
 PIP_ENV=(PATH=/opt/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
          HOME=/root LANG=C.UTF-8 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
@@ -91,10 +94,12 @@ PIP_ENV=(PATH=/opt/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/s
 # Pass through the host's pip settings given as environment variables (find-links etc.).
 while IFS= read -r kv; do PIP_ENV+=("$kv"); done < <(env | grep -E '^PIP_(FIND_LINKS|INDEX_URL|EXTRA_INDEX_URL|CONSTRAINT|TRUSTED_HOST)=' || true)
 
-log "creating /opt/venv and installing requirements.txt"
+log "creating /opt/venv and installing the container's requirements"
 chroot "$ROOTFS" /usr/bin/env -i "${PIP_ENV[@]}" /usr/bin/python3 -m venv /opt/venv
+chroot "$ROOTFS" /usr/bin/env -i "${PIP_ENV[@]}" /opt/venv/bin/python /tmp/src/runtime_requirements.py \
+    /tmp/src/pyproject.toml /tmp/src/constraints.txt /tmp/pip >&2
 chroot "$ROOTFS" /usr/bin/env -i "${PIP_ENV[@]}" /opt/venv/bin/python -m pip install \
-    --quiet --no-cache-dir -r /tmp/requirements.txt >&2
+    --quiet --no-cache-dir -r /tmp/pip/requirements.txt -c /tmp/pip/constraints.txt >&2
 chroot "$ROOTFS" /usr/bin/env -i "${PIP_ENV[@]}" /opt/venv/bin/python -c \
     "import torch, torchvision, open_clip, peft, safetensors, SimpleITK, cv2, scipy, numpy, PIL, rich; print('[build_base] imports ok: torch', torch.__version__, 'torchvision', torchvision.__version__)" >&2
 log "pip install done in $((SECONDS - t1)) s"
@@ -105,7 +110,7 @@ MOUNTS=()
 if awk -v root="$ROOTFS" 'index($2, root) == 1 { found = 1 } END { exit !found }' /proc/mounts; then
     log "mounts remain under $ROOTFS after unmounting; not packing it"; exit 1
 fi
-rm -f "$ROOTFS/tmp/requirements.txt" "$ROOTFS/tmp/host-ca.crt" "$ROOTFS/etc/resolv.conf"
+rm -rf "$ROOTFS/tmp/src" "$ROOTFS/tmp/pip" "$ROOTFS/tmp/host-ca.crt" "$ROOTFS/etc/resolv.conf"
 rmdir -p "$ROOTFS/etc/xdg/pip" "$ROOTFS/opt/wheels" "$ROOTFS/opt/pypi" "$ROOTFS/opt/pypi-more" 2>/dev/null || true
 mkdir -p "$ROOTFS/opt"
 rm -rf "$ROOTFS"/var/cache/apt/* "$ROOTFS"/var/lib/apt/lists/* "$ROOTFS"/var/log/* \
@@ -121,7 +126,7 @@ tar --numeric-owner --xattrs -C "$ROOTFS" -c . | docker import \
     --change 'ENV LC_ALL=C.UTF-8' \
     --change 'ENV VIRTUAL_ENV=/opt/venv' \
     --change 'CMD ["python"]' \
-    --message "local stand-in for the PyTorch runtime base (debootstrap $SUITE + venv, requirements.txt hash $HASH)" \
+    --message "local stand-in for the PyTorch runtime base (debootstrap $SUITE + venv, requirements hash $HASH)" \
     - "$TAG" >&2
 log "import done in $((SECONDS - t2)) s; total $((SECONDS - t0)) s"
 # Older stand-ins (other requirements / recipe) only take disk space: untag them (their layers go

@@ -17,9 +17,10 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from algorithm.contract import IMAGE_SUFFIXES
+from algorithm.inputs import case_name
 from training.data import layout
 
-IMAGE_SUFFIXES = (".mha", ".mhd", ".nii.gz", ".nii", ".tif", ".tiff")
 PREDICTIONS = "predictions"
 STAGING = ".staging"
 
@@ -28,14 +29,6 @@ STAGING = ".staging"
 class Case:
     uuid: str
     image: Path
-
-
-def _case_id(path: Path) -> str:
-    name = path.name
-    for suffix in IMAGE_SUFFIXES:
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return path.stem
 
 
 def discover_cases(folder: Path, limit: int | None = None) -> list[Case]:
@@ -50,7 +43,7 @@ def discover_cases(folder: Path, limit: int | None = None) -> list[Case]:
     if not images:
         where = f"{release} or {folder}" if source is folder else str(release)
         raise FileNotFoundError(f"no case images ({', '.join(IMAGE_SUFFIXES)}) in {where}")
-    cases = [Case(_case_id(p), p) for p in images]
+    cases = [Case(case_name(p), p) for p in images]
     seen: dict[str, Path] = {}
     for case in cases:
         if case.uuid in seen:

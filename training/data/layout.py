@@ -8,8 +8,9 @@ import shutil
 from pathlib import Path
 
 from algorithm.contract import INPUT_FOLDER, INPUTS_JSON, OUTPUT_FRAME, OUTPUT_MASK, inputs_json
+from algorithm.inputs import RELEASE_IMAGE_FOLDER
 
-IMAGES_DIR = Path("images") / "stacked_fetal_ultrasound"
+IMAGES_DIR = RELEASE_IMAGE_FOLDER
 MASKS_DIR = Path("masks") / "stacked_fetal_abdomen"
 CIRCUMFERENCES_CSV = Path("circumferences") / "fetal_abdominal_circumferences_per_sweep.csv"
 CIRCUMFERENCES_HEADER = ["uuid", "subject_id"] + [f"sweep_{k}_ac_mm" for k in range(1, 7)]
@@ -39,8 +40,7 @@ def stage_case(image: Path, input_dir: Path, how: str = "copy") -> Path:
     inputs.json naming it); returns the staged image.
 
     how: copy; link (a hard link: no copy of a 350 MB stack, falling back to a copy across file systems);
-    move; symlink (to the resolved source: for other readers only, since the algorithm refuses an image
-    linked from outside its input folder).
+    move; symlink (to the resolved source: no copy, across file systems too).
     """
     if how not in STAGING:
         raise ValueError(f"how must be one of {', '.join(STAGING)}, got {how!r}")

@@ -267,7 +267,7 @@ def _reproduce(args: argparse.Namespace, ctx: DistContext) -> int:
 
 def cli_case_folder(data: Path, uuid: str, folder: Path) -> Path:
     """A grand-challenge /input folder for one release case (made once): a hard link to the release's image, or a
-    copy across file systems; the algorithm reads nothing linked from outside its input folder."""
+    copy across file systems."""
     if not (folder / INPUT_FOLDER / f"{uuid}.mha").exists():
         layout.stage_case(layout.image_path(data, uuid), folder, how="link")
     return folder

@@ -49,7 +49,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Sampler
 from tqdm import tqdm
 
 from algorithm import __version__
-from algorithm.model.checkpoint import save_checkpoint
+from algorithm.model.checkpoint import inherited_terms, save_checkpoint
 from algorithm.model.fetalclipseg import (effective_parameters, inert_parameter_names, total_parameters,
                                           trainable_parameters)
 from algorithm.runtime import autocast, choose_precision, needs_grad_scaling, resolve_device
@@ -528,6 +528,8 @@ class Trainer:
                 f"training/run/train.py, algorithm {__version__}")
         if replica:
             text += "; replica-trained, not for clinical use"
+        if terms := inherited_terms(fetalclip=bool(cfg.fetalclip), challenge_data=not replica):
+            text += f"; {terms}"
         if cfg.note:
             text += f"; {cfg.note}"
         return text

@@ -227,7 +227,7 @@ def print_report(report: dict) -> None:
 
 def compare_search(args: argparse.Namespace) -> dict:
     """Coarse-to-fine against the dense scan on `args.compare_search` replica cases (seeds from `args.seed`):
-    chosen frames, challenge scores (training.metrics.case_score) and frames encoded."""
+    chosen frames, challenge scores (training.scoring.metrics.case_score) and frames encoded."""
     device = resolve_device(args.device)
     oracle = args.weights is None and not sorted(BUNDLED_WEIGHTS.glob("*.safetensors"))
     weights = None if oracle else choose_weights("small", args.weights)
