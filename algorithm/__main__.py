@@ -21,14 +21,14 @@ from .batch import run_dataset
 from .contract import check_writable
 from .errors import AlgorithmError, Interrupted
 from .inputs import is_dataset
-from .options import add_inference_options, add_output_options, add_weights_option, inference_overrides
+from .options import add_inference_options, add_output_options, add_weights_option, inference_overrides, program_name
 from .progress import LoggedProgress, SearchProgress
 from .run import load, output_lock, predict_case, read_case
 from .weights_location import resolve_weights
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m algorithm", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog=program_name("python -m algorithm"), description=__doc__.splitlines()[0])
     parser.add_argument("--input", type=Path, default=Path("/input"),
                         help="case folder (default /input), image file, or dataset in the release layout")
     parser.add_argument("--output", type=Path, default=Path("/output"), help="output folder (default /output)")

@@ -9,6 +9,7 @@ here: a bad value is argparse's one-line error naming the option, before any mod
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import TypedDict
 
@@ -89,3 +90,10 @@ def inference_overrides(args: argparse.Namespace) -> InferenceOverrides:
     """The settings the parsed arguments change; options not given (or not declared) change nothing."""
     given = {name: getattr(args, name, None) for name in InferenceOverrides.__annotations__}
     return InferenceOverrides(**{name: value for name, value in given.items() if value is not None})
+
+
+def program_name(module_form: str) -> str:
+    """What the user typed: the console script's name (fetalclipseg, fetalclipseg-serve) when installed, else
+    the `python -m` form, so that usage lines and --version name the command that was run."""
+    name = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
+    return name if name.startswith("fetalclipseg") else module_form

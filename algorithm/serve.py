@@ -37,7 +37,7 @@ from . import __version__
 from .contract import check_writable, output_lock, remove_outputs
 from .errors import AlgorithmError, DeviceUnavailable, InputError, OutputError, WeightsError
 from .options import (InferenceOverrides, add_inference_options, add_output_options, add_weights_option,
-                      inference_overrides)
+                      inference_overrides, program_name)
 from .progress import LoggedProgress
 from .run import load, predict_case, read_case
 from .weights_location import resolve_weights
@@ -273,7 +273,8 @@ def build_server(service: Service, port: int = PORT) -> Server:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m algorithm.serve", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog=program_name("python -m algorithm.serve"),
+                                     description=__doc__.splitlines()[0])
     parser.add_argument("--input", type=Path, default=Path("/input"), help="case folder of every job (default /input)")
     parser.add_argument("--output", type=Path, default=Path("/output"), help="output folder (default /output)")
     parser.add_argument("--port", type=int, default=PORT, help=f"port on {HOST} (default {PORT}, the platform's)")

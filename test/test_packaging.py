@@ -113,12 +113,12 @@ def installed(wheel, tmp_path_factory) -> Path:
     return venv / "bin"
 
 
-@pytest.mark.parametrize("script, module", [("fetalclipseg", "algorithm"), ("fetalclipseg-train", "training")])
-def test_both_console_scripts_print_the_version(installed, tmp_path, script, module):
+@pytest.mark.parametrize("script", ["fetalclipseg", "fetalclipseg-serve", "fetalclipseg-train"])
+def test_every_console_script_prints_its_own_name_and_the_version(installed, tmp_path, script):
     done = subprocess.run([str(installed / script), "--version"], cwd=tmp_path, capture_output=True, text=True,
                           timeout=300, env=clean_env())
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == f"python -m {module} {__version__}"
+    assert done.stdout.strip() == f"{script} {__version__}"
 
 
 def test_python_m_training_prints_the_version():

@@ -47,7 +47,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[0] == "--version":
         from algorithm import __version__
 
-        print(f"python -m training {__version__}")
+        script = sys.argv[0].rsplit("/", 1)[-1]  # the console script's name when installed, as --version names it
+        print(f"{script if script.startswith('fetalclipseg') else 'python -m training'} {__version__}")
         return 0
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
