@@ -10,6 +10,8 @@ import importlib
 import sys
 from typing import Sequence
 
+from algorithm import __version__  # a string only: no torch
+
 # command -> ("module:function", one line for --help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "replica": ("training.data.replica:main", "write replica cases in the public release layout"),
@@ -45,8 +47,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(usage())
         return 0 if argv else 2
     if argv[0] == "--version":
-        from algorithm import __version__
-
         script = sys.argv[0].rsplit("/", 1)[-1]  # the console script's name when installed, as --version names it
         print(f"{script if script.startswith('fetalclipseg') else 'python -m training'} {__version__}")
         return 0
