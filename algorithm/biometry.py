@@ -28,7 +28,7 @@ Where we deliberately differ from the official code: it traces every contour of 
 and separate blobs included), erases its near-edge pixels, re-traces the remaining line drawing and keeps
 the piece with the largest `cv2.contourArea`. An outline opened by the FOV edge leaves open arcs whose
 traced area is ~0, so that choice is close to arbitrary and sometimes keeps a fragment or nothing, even for
-a drawn mask (`training.official` reproduces it). We fit the outer contour of the largest connected
+a drawn mask (`training.scoring.official` reproduces it). We fit the outer contour of the largest connected
 component, all of it except the edge band.
 """
 from __future__ import annotations

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import torch
 
 from training.__main__ import COMMANDS, main
 from training.data import layout
@@ -195,6 +196,12 @@ def test_the_acceptance_seed_is_refused_by_demo_weights(tmp_path, capsys):
     assert main(["demo-weights", "--seed", "424242", "--work", str(tmp_path / "work")]) == 2
     assert "424242" in one_error_line(capsys.readouterr().err)
     assert not (tmp_path / "work").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a usable GPU: --device cuda is a valid choice here")
+def test_memory_on_a_gpu_this_machine_lacks_is_one_error_line(capsys):
+    assert main(["memory", "--device", "cuda"]) == 2
+    assert "no usable CUDA GPU" in one_error_line(capsys.readouterr().err)
 
 
 def option_blocks(help_text: str) -> dict[str, str]:

@@ -37,7 +37,7 @@ from typing import Callable, Iterable, Sequence
 import torch
 from torch import nn
 
-from algorithm.runtime import choose_precision
+from algorithm.runtime import DeviceError, choose_precision, resolve_device
 from training.cli import CommandParser, UsageError, number, run_command
 from training.models.build import build_training_model
 from training.models.losses import SegLoss, class_weights
@@ -286,7 +286,10 @@ def measure_step_peak(model: nn.Module, step: Callable[[int], torch.Tensor], mic
 
 def run_memory_command(args: argparse.Namespace) -> int:
     """Build a mode (random weights), measure its step and plan it for a budget."""
-    device = torch.device(args.device)
+    try:
+        device = resolve_device(args.device)
+    except DeviceError as error:
+        raise UsageError(str(error)) from None
     # fp16 on the CPU (planning for a GPU without native bf16 from a machine without one): autocast to bf16
     # instead, which keeps the same two bytes per activation
     precision = "bf16" if device.type == "cpu" and args.precision == "fp16" else choose_precision(args.precision, device)

@@ -360,7 +360,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         "weights": str(weights.path) if weights.path else "random",
         "weights_note": weights.note,
         "torch": torch.__version__,
-        "case": {"generator": "training.replica", "seed": args.seed, "frames_per_sweep": args.frames_per_sweep},
+        "case": {"generator": "training.data.replica", "seed": args.seed, "frames_per_sweep": args.frames_per_sweep},
         "frames": n_frames,
         "frames_encoded": ours.frames_encoded,
         "frames_decoded": ours.frames_decoded,
