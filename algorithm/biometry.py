@@ -36,8 +36,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import contourpy
 import cv2
 import numpy as np
+from contourpy import LineType
 
 from algorithm.config import PIXEL_SPACING_MM
 
@@ -134,17 +136,61 @@ def fit_ellipse(mask: np.ndarray, fov: np.ndarray | None = None,
     # A 1-px zero frame around everything makes the image edge an FOV edge like any other and keeps
     # findContours off the image border.
     blob = np.pad(blob, 1).astype(np.uint8)
-    outside = np.pad(~inside, 1, constant_values=True).astype(np.uint8)
     points = _largest_outer_contour(blob)
     if points is None:
         return None
+    near_edge = _edge_band(inside, edge_tolerance_px)
+    return _fit(points[~near_edge[points[:, 1], points[:, 0]]] - 1)
+
+
+def fit_ellipse_subpixel(probability: np.ndarray, mask: np.ndarray, fov: np.ndarray | None = None,
+                         level: float = 0.5, edge_tolerance_px: int = EDGE_TOLERANCE_PX) -> Ellipse | None:
+    """Ellipse fitted to the `level` iso-line of an (H, W) abdomen probability around `mask`'s blob.
+
+    The pixel outline `fit_ellipse` uses runs through the centres of the mask's border pixels, about half a
+    pixel inside the line where the probability crosses the threshold, so it measures a slightly smaller
+    ellipse; the iso-line (marching squares, contourpy) is where the mask's edge really is. Only the
+    probability within two pixels of `mask` counts (other blobs are not the abdomen), the outer line is
+    kept, and points in the FOV edge band are dropped exactly as for the pixel outline. None where
+    `fit_ellipse` would give None.
+    """
+    probability, mask = np.asarray(probability, dtype=np.float64), np.asarray(mask) != 0
+    if probability.shape != mask.shape or mask.ndim != 2:
+        raise ValueError(f"probability {probability.shape} and mask {mask.shape} must be the same 2-D shape")
+    inside = np.ones(mask.shape, dtype=bool) if fov is None else np.asarray(fov, dtype=bool)
+    if inside.shape != mask.shape:
+        raise ValueError(f"FOV shape {inside.shape} does not match mask shape {mask.shape}")
+    if not (mask & inside).any():
+        return None
+    near_mask = cv2.dilate((mask & inside).astype(np.uint8), np.ones((5, 5), np.uint8)) > 0
+    field = np.pad(np.where(near_mask & inside, probability, 0.0), 1)  # closed lines, off the image border
+    lines = [line for line in contourpy.contour_generator(z=field, line_type=LineType.Separate).lines(level)
+             if len(line) >= 3]
+    if not lines:
+        return None
+    outer = max(lines, key=lambda line: abs(_shoelace_area(line)))  # (N, 2) x, y in padded coordinates
+    near_edge = _edge_band(inside, edge_tolerance_px)
+    cells = np.clip(np.rint(outer).astype(np.int64), 0, np.array(near_edge.shape[::-1]) - 1)
+    return _fit(outer[~near_edge[cells[:, 1], cells[:, 0]]] - 1)
+
+
+def _edge_band(inside: np.ndarray, edge_tolerance_px: int) -> np.ndarray:
+    """Padded (H + 2, W + 2) boolean: within `edge_tolerance_px` of the FOV's (or the image's) edge."""
+    outside = np.pad(~inside, 1, constant_values=True).astype(np.uint8)
     size = 2 * edge_tolerance_px + 1
-    near_edge = cv2.dilate(outside, np.ones((size, size), np.uint8)) > 0
-    points = points[~near_edge[points[:, 1], points[:, 0]]] - 1
+    return cv2.dilate(outside, np.ones((size, size), np.uint8)) > 0
+
+
+def _shoelace_area(line: np.ndarray) -> float:
+    x, y = line[:, 0], line[:, 1]
+    return 0.5 * float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1)))
+
+
+def _fit(points: np.ndarray) -> Ellipse | None:
+    """cv2.fitEllipse on (N, 2) x, y points; None below 5 points or for a degenerate fit."""
     if len(points) < 5:
         return None
-
-    box = cv2.fitEllipse(points.astype(np.float32))
+    box = cv2.fitEllipse(np.ascontiguousarray(points, dtype=np.float32))
     (cx, cy), (w, h), angle = box
     if not all(math.isfinite(v) for v in (cx, cy, w, h, angle)) or min(w, h) <= 0:
         return None

@@ -28,6 +28,16 @@ LIFTOFF_MAX_MEAN = 2.0
 # What the command line may ask for (`algorithm/options.py`; `runtime.py` applies them).
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+# The leaderboard levers (docs/levers.md measures each): test-time augmentation on the frames that can be
+# chosen, the rule that picks the frame, and how the AC ellipse is fitted.
+TTA_MODES = ("none", "flip")
+SELECTION_RULES = ("frame", "sweep")
+AC_FITS = ("contour", "subpixel")
+MASK_OUTPUTS = ("mask", "ellipse")
+# The inference settings a checkpoint may carry as its own defaults (its metadata's extra["inference"]), so
+# that an exported model runs with the levers it was measured with; the command line still overrides them.
+CHECKPOINT_INFERENCE_CHOICES: dict[str, tuple[str, ...]] = {"tta": TTA_MODES, "selection": SELECTION_RULES,
+                                                             "ac_fit": AC_FITS, "mask_output": MASK_OUTPUTS}
 
 # Frame-quality classes of the frame head and of the ground-truth labels (mask value 1 = optimal,
 # 2 = suboptimal in the public release; the head orders them by quality instead).
@@ -125,6 +135,20 @@ class InferenceConfig:
     refine_radius: int = 4
     refine_candidates: int = 2  # frames per sweep around which the coarse search refines
     liftoff_max_mean: float = LIFTOFF_MAX_MEAN
+    # --- leaderboard levers (docs/levers.md: each measured on whole replica cases, paired, with its cost)
+    # Test-time augmentation on the frames the mask decoder runs on (those that can be chosen): "flip" also
+    # runs their horizontal mirror image and averages frame-head and abdomen probabilities.
+    tta: str = "none"  # none | flip
+    # "frame": the best frame of the case (tier, then evidence); "sweep": the sweep with the most frames that
+    # qualify first, then its best frame.
+    selection: str = "frame"  # frame | sweep
+    # "contour": the ellipse fitted to the pixel outline of the cleaned mask; "subpixel": to the 0.5
+    # iso-line of the abdomen probability at frame resolution (algorithm/biometry.py).
+    ac_fit: str = "contour"  # contour | subpixel
+    # What the segmentation output holds on the chosen frame: the cleaned mask, or the fitted ellipse filled
+    # (inside the FOV). The challenge measures its AC on the mask we write, so only this carries a sharper
+    # fit to the leaderboard.
+    mask_output: str = "mask"  # mask | ellipse
     # --- speed (measured by `python -m training speed`)
     merge_lora: bool = True  # fold LoRA into the encoder weights at load: plain fused kernels, same outputs
     # Run the mask decoder only on frames that can be chosen (smoothed P(abdomen) may reach

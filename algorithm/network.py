@@ -229,6 +229,8 @@ def load_network(weights: Path, config_overrides: dict | None = None) -> tuple[N
                               f"{declared.frame_classes} frame class(es)); the algorithm needs a mask decoder and "
                               "three frame classes")
     model, info = load_checkpoint(weights, device="cpu")
-    config = Config(model=info.config).replace(**(config_overrides or {}))
+    # the dataclass's defaults < the checkpoint's own inference defaults < the command line
+    config = Config(model=info.config).replace(**info.inference_defaults).replace(**(config_overrides or {}))
     network = Network(model, config, choice.device, device_warning=choice.fallback)
-    return network, {"weights": str(weights), "provenance": info.provenance, "version": info.version}
+    return network, {"weights": str(weights), "provenance": info.provenance, "version": info.version,
+                     **({"inference_defaults": info.inference_defaults} if info.inference_defaults else {})}

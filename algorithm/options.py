@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import TypedDict
 
-from .config import DEVICES, PRECISIONS, InferenceConfig
+from .config import AC_FITS, DEVICES, MASK_OUTPUTS, PRECISIONS, SELECTION_RULES, TTA_MODES, InferenceConfig
 from .contract import EXTRAS_DIR
 from .weights_location import MODEL_MOUNT
 
@@ -30,6 +30,10 @@ class InferenceOverrides(TypedDict, total=False):
     lazy_decoder: str
     threads: int
     compile: bool
+    tta: str
+    selection: str
+    ac_fit: str
+    mask_output: str
 
 
 def positive_or_auto(text: str) -> int:
@@ -52,8 +56,9 @@ def add_weights_option(parser: argparse.ArgumentParser | argparse._ArgumentGroup
 
 
 def add_inference_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup, tuning: bool = False) -> None:
-    """--device, --precision, --batch-size, --coarse-stride; with `tuning`, also the speed switches
-    --lazy-decoder, --threads and --compile (the speed benchmark's)."""
+    """--device, --precision, --batch-size, --coarse-stride and the levers --tta, --selection, --ac-fit,
+    --mask-output; with
+    `tuning`, also the speed switches --lazy-decoder, --threads and --compile (the speed benchmark's)."""
     parser.add_argument("--device", default="auto", choices=DEVICES, help=(
         "where the network runs (default auto: the GPU when torch can use it; when a GPU is visible but "
         "unusable, the CPU, with a WARNING naming the reason)"))
@@ -67,6 +72,18 @@ def add_inference_options(parser: argparse.ArgumentParser | argparse._ArgumentGr
         f"encode every K-th frame of each sweep, then refine around the best (1 = every frame), or auto "
         f"(default auto: {_DEFAULTS.cpu_coarse_stride} for encoders at least {_DEFAULTS.cpu_coarse_min_width} "
         "wide (ViT-L) on the CPU, every frame otherwise)"))
+    parser.add_argument("--tta", default=None, choices=TTA_MODES, help=(
+        "test-time augmentation on the frames that can be chosen: flip also runs their mirror image and "
+        f"averages the probabilities (default: the checkpoint's, else {_DEFAULTS.tta}; docs/levers.md)"))
+    parser.add_argument("--selection", default=None, choices=SELECTION_RULES, help=(
+        "frame: the best frame of the case; sweep: the sweep with the most qualifying frames, then its best "
+        f"frame (default: the checkpoint's, else {_DEFAULTS.selection})"))
+    parser.add_argument("--ac-fit", default=None, choices=AC_FITS, help=(
+        "contour: the ellipse fitted to the mask's pixel outline; subpixel: to the probability's 0.5 iso-line "
+        f"at frame resolution (default: the checkpoint's, else {_DEFAULTS.ac_fit})"))
+    parser.add_argument("--mask-output", default=None, choices=MASK_OUTPUTS, help=(
+        "what the segmentation holds on the chosen frame: the cleaned mask, or the fitted ellipse filled inside "
+        f"the field of view (default: the checkpoint's, else {_DEFAULTS.mask_output})"))
     if not tuning:
         return
     parser.add_argument("--lazy-decoder", default=None, choices=["auto", "on", "off"], help=(

@@ -9,9 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 
 from . import biometry
-from .config import FRAME_NONE, FRAME_OPTIMAL, PIXEL_SPACING_MM
+from .config import CHECKPOINT_INFERENCE_CHOICES, FRAME_NONE, FRAME_OPTIMAL, PIXEL_SPACING_MM, InferenceConfig
 from .fov import fov_from_stack
 from .network import Network
 from .postprocess import abdomen_probability, clean_mask
@@ -20,7 +21,7 @@ from .runtime import StageTimer
 from .search import FrameScores, FrameSearch
 from .select import NO_FRAME, Selection, select_frame
 
-__all__ = ["CaseResult", "predict"]
+__all__ = ["CaseResult", "decide", "predict"]
 
 
 @dataclass
@@ -36,6 +37,7 @@ class CaseResult:
     frames_encoded: int
     frames_decoded: int = 0
     search: dict = field(default_factory=dict)  # how the frames were searched (stride, rounds, ...)
+    levers: dict = field(default_factory=dict)  # the leaderboard levers in force (tta, selection, ac_fit)
 
     def summary(self) -> dict:
         """What people want to read about a case (the log and result.json)."""
@@ -51,6 +53,7 @@ class CaseResult:
             "frames_decoded": self.frames_decoded,
             "frames_total": int(len(self.scores.mask_fractions)),
             "search": self.search,
+            "levers": self.levers,
             "timings_s": {k: round(v, 3) for k, v in self.timings.items()},
         }
 
@@ -70,15 +73,37 @@ def predict(stack: np.ndarray, network: Network, search: FrameSearch | None = No
     with timer("network"):
         found = search(stack, network, frames, progress, timer)
     scores = found.scores
+    decision = decide(scores, fov, (height, width), inference, timer)
+    return CaseResult(**decision, scores=scores, fov=fov, timings=dict(timer.seconds),
+                      frames_encoded=found.frames_encoded, frames_decoded=int(scores.decoded.sum()),
+                      search=found.details, levers=levers_of(inference))
+
+
+def levers_of(inference: InferenceConfig) -> dict[str, str]:
+    """The leaderboard levers in force (the settings a checkpoint may carry), for result.json."""
+    return {name: getattr(inference, name) for name in CHECKPOINT_INFERENCE_CHOICES}
+
+
+def decide(scores: FrameScores, fov: np.ndarray, frame_shape: tuple[int, int], inference: InferenceConfig,
+           timer: StageTimer | None = None) -> dict:
+    """From the network's scores to the answer: select -> post-process -> biometry (no network call, so the
+    selection rule and the AC fit can be compared on the same scores). Returns CaseResult's fields frame,
+    mask, ellipse, ac_mm and selection."""
+    timer = timer or StageTimer(torch.device("cpu"))
     with timer("select"):
         selection = select_frame(scores.probabilities, scores.mask_fractions, inference)
     mask, ellipse, ac_mm = None, None, None
     with timer("postprocess"):
         if selection.frame != NO_FRAME:
-            probability = abdomen_probability(scores.abdomen_maps[selection.frame], height, width)
+            probability = abdomen_probability(scores.abdomen_maps[selection.frame], *frame_shape)
             mask = clean_mask(probability, fov, inference.mask_threshold)
-            ellipse = biometry.fit_ellipse(mask, fov)
+            if inference.ac_fit == "subpixel":
+                ellipse = biometry.fit_ellipse_subpixel(probability, mask, fov, inference.mask_threshold)
+            elif inference.ac_fit == "contour":
+                ellipse = biometry.fit_ellipse(mask, fov)
+            else:
+                raise ValueError(f"unknown AC fit {inference.ac_fit!r}")
             ac_mm = None if ellipse is None else float(ellipse.circumference_mm(PIXEL_SPACING_MM))
-    return CaseResult(frame=selection.frame, mask=mask, ellipse=ellipse, ac_mm=ac_mm, selection=selection,
-                      scores=scores, fov=fov, timings=dict(timer.seconds), frames_encoded=found.frames_encoded,
-                      frames_decoded=int(scores.decoded.sum()), search=found.details)
+            if inference.mask_output == "ellipse" and ellipse is not None:
+                mask = ellipse.draw(mask.shape) & fov.astype(np.uint8)
+    return {"frame": selection.frame, "mask": mask, "ellipse": ellipse, "ac_mm": ac_mm, "selection": selection}

@@ -15,6 +15,8 @@ and `batch_size` can be searched.
   NaN mask fraction. The chosen frame is exactly the one a full decode gives. On the CPU the decision is
   taken after every batch (features of few frames held); on CUDA once, after every frame of the call is
   encoded (features held on the GPU, in the half type), so the GPU never waits for the host in between.
+* Test-time flip (`tta` "flip"): after the search, the frames the decoder ran on (the only ones that can
+  be chosen) also run mirrored, and the two results are averaged (`augment`).
 * Coarse-to-fine search (`coarse_stride` > 1, the CPU default for wide encoders): encode every k-th frame
   of each sweep, then encode the +-`refine_radius` neighbourhood of the best `refine_candidates` frames of
   every sweep, and repeat while the best frames move (a run of abdomen frames is followed to its best frame).
@@ -211,7 +213,10 @@ class FrameSearch:
             details.update(self.coarse_to_fine(stack, network, frames, scores, progress, timer))
         details["frames_reencoded"] = self.complete_masks(stack, network, scores, progress, timer) \
             if self.lazy_decoder else 0
-        encoded = int(scores.scored.sum()) + details["frames_reencoded"]
+        details["tta"] = self.config.tta
+        details["frames_augmented"] = self.augment(stack, network, scores, progress, timer) \
+            if self.config.tta == "flip" else 0
+        encoded = int(scores.scored.sum()) + details["frames_reencoded"] + details["frames_augmented"]
         progress.finish(encoded, int(scores.decoded.sum()))
         return Searched(scores, encoded, details)
 
@@ -342,6 +347,39 @@ class FrameSearch:
                 decoded.append((chunk, *network.decode(inputs, features)))
             progress.advance(len(chunk))
         copy_masks(decoded, scores)
+
+    # ------------------------------------------------------------------------------------------ test-time flip
+
+    @torch.inference_mode()
+    def augment(self, stack: np.ndarray, network: "Network", scores: FrameScores,
+                progress: SearchProgress | None = None, timer: StageTimer | None = None) -> int:
+        """Test-time flip on the decoded frames (the only ones that can be chosen): each frame's mirror image
+        goes through encoder and decoder too, and its frame-head probabilities and its abdomen map (mirrored
+        back) are averaged with the frame's own; the mask fraction is recomputed from the averaged map.
+        Returns how many frames were augmented."""
+        frames = np.flatnonzero(scores.decoded)
+        if not len(frames):
+            return 0
+        progress = progress or SearchProgress()
+        timer = timer or StageTimer(network.device)
+        progress.stage("test-time flip", len(frames))
+        threshold = self.config.mask_threshold
+        for start in range(0, len(frames), network.batch_size):
+            chunk = frames[start:start + network.batch_size]
+            with timer.device_span("preprocess"):
+                inputs = network.preprocess(torch.from_numpy(np.ascontiguousarray(stack[chunk][..., ::-1])))
+            with timer.device_span("encode"):
+                features, probabilities = network.encode(inputs)
+            with timer.device_span("decode"):
+                abdomen, _ = network.decode(inputs, features)
+            mirrored = abdomen.flip(-1).float().cpu()
+            scores.probabilities[chunk] = 0.5 * (scores.probabilities[chunk] + probabilities.float().cpu().numpy())
+            for row, frame in enumerate(chunk.tolist()):
+                averaged = 0.5 * (scores.abdomen_maps[frame].float() + mirrored[row])
+                scores.abdomen_maps[frame] = averaged.half()
+                scores.mask_fractions[frame] = float((averaged >= threshold).float().mean())
+            progress.advance(len(chunk))
+        return int(len(frames))
 
     # ------------------------------------------------------------------------------------------ coarse to fine
 

@@ -12,6 +12,11 @@ by probability first lets a few hundredths of head noise outvote a mask twice th
 replica with the small demo weights, whose frame head is nearly flat: the largest masks sat on the
 annotated frames, the most confident head outputs did not).
 
+Two rules pick among the sweeps' best frames (`InferenceConfig.selection`): "frame" takes the best of them
+(tier, then evidence); "sweep" first takes the sweep with the most frames that qualify (the evidence of a
+whole sweep passing over the abdomen, as the ACOUSLIC-AI solution of sk-jp ranks sweeps), then its best
+frame. With a coarse search the counts cover the frames the search decoded.
+
 Frames that were not run through the network (lift-off frames, or frames skipped by a coarse search) carry
 NaN and are ignored by the smoothing rather than counted as zeros.
 """
@@ -35,10 +40,12 @@ class Candidate:
     tier: int  # FRAME_OPTIMAL, FRAME_SUBOPTIMAL or FRAME_NONE (did not qualify)
     score: float
     mask_fraction: float
+    qualifying_frames: int = 0  # frames of the sweep that could be chosen (tier above FRAME_NONE)
 
     def to_dict(self) -> dict:
         return {"sweep": self.sweep + 1, "frame": self.frame, "tier": int(self.tier),
-                "score": round(float(self.score), 4), "mask_fraction": round(float(self.mask_fraction), 4)}
+                "score": round(float(self.score), 4), "mask_fraction": round(float(self.mask_fraction), 4),
+                "qualifying_frames": self.qualifying_frames}
 
 
 @dataclass(frozen=True)
@@ -89,7 +96,8 @@ def _best_in_sweep(sweep: int, start: int, stop: int, probs: np.ndarray, fractio
     order = np.lexsort((-np.arange(stop - start), area_key, evidence(score, area_key), tier))
     best = int(order[-1])
     return Candidate(sweep=sweep, frame=start + best, tier=int(tier[best]), score=float(score[best]),
-                     mask_fraction=float(max(area_key[best], 0.0)))
+                     mask_fraction=float(max(area_key[best], 0.0)),
+                     qualifying_frames=int((tier != FRAME_NONE).sum()))
 
 
 def frame_tiers(smoothed: np.ndarray, mask_fractions: np.ndarray, config: InferenceConfig
@@ -132,5 +140,13 @@ def select_frame(frame_probabilities: np.ndarray, mask_fractions: np.ndarray,
     qualified = [c for c in candidates if c.tier != FRAME_NONE]
     if not qualified:
         return Selection(NO_FRAME, tuple(candidates), smoothed)
-    best = max(qualified, key=lambda c: (c.tier, float(evidence(c.score, c.mask_fraction)), c.mask_fraction, -c.frame))
+    def rank(c: Candidate) -> tuple:
+        return c.tier, float(evidence(c.score, c.mask_fraction)), c.mask_fraction, -c.frame
+
+    if config.selection == "sweep":
+        best = max(qualified, key=lambda c: (c.qualifying_frames, *rank(c)))
+    elif config.selection == "frame":
+        best = max(qualified, key=rank)
+    else:
+        raise ValueError(f"unknown selection rule {config.selection!r}")
     return Selection(best.frame, tuple(candidates), smoothed)

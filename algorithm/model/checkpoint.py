@@ -22,7 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from algorithm import __version__
-from algorithm.config import CLIP_MEAN, CLIP_STD, ModelConfig
+from algorithm.config import CHECKPOINT_INFERENCE_CHOICES, CLIP_MEAN, CLIP_STD, ModelConfig
 from algorithm.errors import WeightsError
 from algorithm.model.fetalclipseg import FetalCLIPSeg, build_model
 
@@ -74,6 +74,25 @@ class CheckpointInfo:
     format_version: int = FORMAT_VERSION
     preprocessing: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def inference_defaults(self) -> dict[str, str]:
+        """The inference settings this checkpoint carries (extra["inference"]); validated when it was read."""
+        return dict(self.extra.get("inference") or {})
+
+
+def check_inference_defaults(value: object) -> dict[str, str]:
+    """extra["inference"]: a JSON object of CHECKPOINT_INFERENCE_CHOICES keys and their allowed values."""
+    if not isinstance(value, dict):
+        raise ValueError(f"extra.inference must be a JSON object, got {type(value).__name__}")
+    for key, setting in value.items():
+        allowed = CHECKPOINT_INFERENCE_CHOICES.get(key)
+        if allowed is None:
+            raise ValueError(f"extra.inference.{key} is not a setting a checkpoint may carry "
+                             f"({', '.join(CHECKPOINT_INFERENCE_CHOICES)})")
+        if setting not in allowed:
+            raise ValueError(f"extra.inference.{key} = {setting!r}: expected one of {', '.join(allowed)}")
+    return dict(value)
 
 
 def default_preprocessing(config: ModelConfig) -> dict[str, Any]:
@@ -207,6 +226,8 @@ def read_checkpoint_info(path: str | Path) -> CheckpointInfo:
         preprocessing, extra = json.loads(meta["preprocessing"]), json.loads(meta["extra"])
         if not isinstance(preprocessing, dict) or not isinstance(extra, dict):
             raise ValueError("preprocessing and extra must be JSON objects")
+        if "inference" in extra:
+            check_inference_defaults(extra["inference"])
         return CheckpointInfo(
             config=validate_model_config(json.loads(meta["model_config"])),
             provenance=meta["provenance"],
@@ -290,3 +311,17 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu",
     if merge_lora:
         model.merge_lora()
     return model.to(device).eval(), info
+
+
+def write_inference_defaults(source: str | Path, out: str | Path, settings: Mapping[str, str],
+                             clear: bool = False) -> dict[str, str]:
+    """Copy the checkpoint `source` to `out` with `settings` among its inference defaults (extra["inference"];
+    `clear` drops the ones it had first). The weights are read and written through the checks of
+    `load_checkpoint` and `save_checkpoint`. Returns the defaults `out` carries."""
+    model, info = load_checkpoint(source, device="cpu")
+    defaults = check_inference_defaults({**({} if clear else info.inference_defaults), **settings})
+    extra = {key: value for key, value in info.extra.items() if key != "inference"}
+    if defaults:
+        extra["inference"] = defaults
+    save_checkpoint(out, model, model.config, info.provenance, extra=extra, preprocessing=info.preprocessing)
+    return defaults

@@ -1,0 +1,252 @@
+"""`python -m training levers`: the algorithm's leaderboard levers on whole test cases, paired per case.
+
+    python -m training levers --weights runs/s1/fetalclipseg.safetensors runs/s2/... --data test --out runs/levers
+
+Every case of a release-layout folder goes once through the network's frame search with every lever off;
+the decisions of each variant (`VARIANTS`: selection rule, AC fit, what the mask holds) are then taken on
+those same scores (`algorithm.predict.decide`), and the test-time flip runs once more over the decoded
+frames (`FrameSearch.augment`), exactly as `python -m algorithm --tta flip` does after its search. So a
+variant differs from the baseline in its lever and nothing else, and a case costs one search plus one flip
+pass instead of one search per variant.
+
+Each variant is scored as the challenge scores the mask it would write (training.scoring.metrics), and by
+the NAE of the AC it reports (result.json's `ac_mm`), which the challenge never reads. With several weights
+(training seeds) each case's difference is the mean over them. Against the baseline every variant gets the
+mean difference per case and its 95 % bootstrap interval over cases (`bootstrap_interval`); the rule for a
+new default is a lower bound above zero. Cost per variant: frames encoded and decoded, CPU seconds per case
+measured here, GFLOP per case of the full ViT-L/14 (counted per frame by FlopCounter on a random ViT-L) and
+a T4 time from those FLOP (an estimate, labelled so). Results go to `levers.jsonl` (one line per weights,
+case and variant; a second run skips what is there), `levers.md` and `levers.json`.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+from tqdm import tqdm
+
+from algorithm.config import Config, InferenceConfig, ModelConfig
+from algorithm.contract import read_stack
+from algorithm.fov import fov_from_stack
+from algorithm.model.fetalclipseg import build_model
+from algorithm.network import load_network
+from algorithm.predict import decide
+from algorithm.search import FrameSearch
+from training.cli import CommandParser, MissingInput, existing_folder, number, run_command
+from training.data import layout
+from training.scoring.evaluate import list_ground_truth_cases, read_reference_acs
+from training.scoring.metrics import case_score, nae_ac
+from training.speed.measure import GPU_PEAK_TFLOPS, count_flops
+
+log = logging.getLogger("training")
+
+LEVERS_OFF = {"tta": "none", "selection": "frame", "ac_fit": "contour", "mask_output": "mask"}
+# name -> the settings it changes from LEVERS_OFF; "baseline" is the reference of every pair
+VARIANTS: dict[str, dict[str, str]] = {
+    "baseline": {},
+    "tta flip": {"tta": "flip"},
+    "selection sweep": {"selection": "sweep"},
+    "ac-fit subpixel": {"ac_fit": "subpixel"},
+    "ellipse mask": {"mask_output": "ellipse"},
+    "ellipse mask, subpixel": {"ac_fit": "subpixel", "mask_output": "ellipse"},
+}
+METRICS = ("score", "wfss", "dsc_soft", "nae_ac", "reported_nae")
+# A T4's fraction of its nominal fp16 peak when no GPU check has measured one: an assumption, said so.
+ASSUMED_T4_FRACTION = 0.4
+
+
+def bootstrap_interval(values: Sequence[float], resamples: int = 10_000, level: float = 0.95,
+                       seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of `values` (paired differences, one per case)."""
+    values = np.asarray(values, dtype=np.float64)
+    if values.size == 0:
+        return float("nan"), float("nan")
+    draws = np.random.default_rng(seed).integers(0, values.size, size=(resamples, values.size))
+    means = values[draws].mean(axis=1)
+    tail = (1.0 - level) / 2.0
+    return float(np.quantile(means, tail)), float(np.quantile(means, 1.0 - tail))
+
+
+def variant_config(inference: InferenceConfig, name: str) -> InferenceConfig:
+    return dataclasses.replace(inference, **{**LEVERS_OFF, **VARIANTS[name]})
+
+
+def score_case(weights_label: str, uuid: str, stack: np.ndarray, labels: np.ndarray,
+               reference: list[float | None], network, search: FrameSearch) -> list[dict[str, Any]]:
+    """Every variant's record for one case: one search, one flip pass, the decisions on their scores."""
+    fov = fov_from_stack(stack)
+    shape = stack.shape[1:]
+    started = time.process_time()
+    found = search(stack, network, search.frames_to_encode(stack))
+    search_cpu = time.process_time() - started
+    flipped = copy.deepcopy(found.scores)
+    started = time.process_time()
+    augmented = search.augment(stack, network, flipped)
+    flip_cpu = time.process_time() - started
+    records = []
+    for name, changes in VARIANTS.items():
+        tta = changes.get("tta") == "flip"
+        scores = flipped if tta else found.scores
+        config = variant_config(search.config, name)
+        started = time.process_time()
+        decision = decide(scores, fov, shape, config)
+        decide_cpu = time.process_time() - started
+        result = case_score(decision["frame"], decision["mask"], labels, reference, fov=fov)
+        records.append({
+            "weights": weights_label, "case": uuid, "variant": name, "frame": int(decision["frame"]),
+            "score": result.score, "wfss": result.wfss, "dsc_soft": result.dsc_soft, "nae_ac": result.nae_ac,
+            "reported_nae": nae_ac(decision["ac_mm"], result.ac_ref_mm),
+            "frames_encoded": found.frames_encoded + (augmented if tta else 0),
+            "frames_decoded": int(found.scores.decoded.sum()) + (augmented if tta else 0),
+            "cpu_seconds": search_cpu + (flip_cpu if tta else 0.0) + decide_cpu,
+        })
+    return records
+
+
+def run_study(weights: Sequence[Path], data: Path, out: Path, device: str = "cpu", limit: int | None = None,
+              progress: bool = True) -> list[dict[str, Any]]:
+    """Score every variant on every case for every weights file, appending to out/levers.jsonl."""
+    out.mkdir(parents=True, exist_ok=True)
+    journal = out / "levers.jsonl"
+    records = [json.loads(line) for line in journal.read_text().splitlines()] if journal.is_file() else []
+    done = {(r["weights"], r["case"]) for r in records}
+    uuids = list_ground_truth_cases(data)[:limit]
+    if not uuids:
+        raise MissingInput(f"no ground-truth cases under {data / layout.MASKS_DIR}")
+    references = read_reference_acs(data)
+    names = [w.parent.name or w.stem for w in weights]  # a run folder's name, as reproduce and train write them
+    unique = len(set(names)) == len(names)
+    labels_of = {str(w): name if unique else f"{k + 1}:{name}" for k, (w, name) in enumerate(zip(weights, names))}
+    for path in weights:
+        network, _ = load_network(path, {"device": device})
+        off = dataclasses.replace(network.config.inference, **LEVERS_OFF)
+        search = dataclasses.replace(FrameSearch.for_network(network), config=off)
+        label = labels_of[str(path)]
+        todo = [u for u in uuids if (label, u) not in done]
+        for uuid in tqdm(todo, desc=label, unit="case", disable=not progress):
+            stack = read_stack(layout.image_path(data, uuid)).array
+            labels = sitk.GetArrayFromImage(sitk.ReadImage(str(layout.mask_path(data, uuid)), sitk.sitkUInt8))
+            case_records = score_case(label, uuid, stack, labels, references.get(uuid, [None] * 6), network,
+                                      search)
+            with journal.open("a") as handle:
+                handle.writelines(json.dumps(r) + "\n" for r in case_records)
+            records += case_records
+    return [r for r in records if r["case"] in uuids and r["weights"] in labels_of.values()]
+
+
+def per_frame_gflop(config: ModelConfig) -> dict[str, float]:
+    """GFLOP of one frame through the encoder and through the decoder of a randomly initialised model."""
+    model = build_model(dataclasses.replace(config, use_lora=False)).eval()
+    with torch.inference_mode():
+        return count_flops(model, config, torch.device("cpu"))
+
+
+def summarise(records: Sequence[dict[str, Any]], gflop: dict[str, float] | None = None) -> dict[str, Any]:
+    """Per variant: means, paired differences against the baseline with bootstrap intervals, and cost."""
+    weights = sorted({r["weights"] for r in records})
+    cases = sorted({r["case"] for r in records if r["variant"] == "baseline"})
+    table = {(r["weights"], r["case"], r["variant"]): r for r in records}
+    complete = [c for c in cases if all((w, c, v) in table for w in weights for v in VARIANTS)]
+    summary: dict[str, Any] = {"weights": weights, "cases": len(complete), "variants": {}}
+    for name in VARIANTS:
+        rows = [[table[(w, c, name)] for w in weights] for c in complete]
+        base = [[table[(w, c, "baseline")] for w in weights] for c in complete]
+        entry: dict[str, Any] = {"settings": {**LEVERS_OFF, **VARIANTS[name]}}
+        for metric in METRICS:
+            per_case = np.array([np.mean([r[metric] for r in row]) for row in rows])
+            entry[metric] = float(per_case.mean()) if len(per_case) else None
+            if name != "baseline":
+                diff = per_case - np.array([np.mean([r[metric] for r in row]) for row in base])
+                low, high = bootstrap_interval(diff)
+                entry[f"{metric}_difference"] = {"mean": float(diff.mean()), "low": low, "high": high,
+                                                 "higher": int((diff > 1e-9).sum()),
+                                                 "lower": int((diff < -1e-9).sum())}
+        flat = [r for row in rows for r in row]
+        encoded = float(np.mean([r["frames_encoded"] for r in flat]))
+        decoded = float(np.mean([r["frames_decoded"] for r in flat]))
+        entry.update(frames_encoded=encoded, frames_decoded=decoded,
+                     cpu_seconds=float(np.mean([r["cpu_seconds"] for r in flat])))
+        if gflop:
+            total = encoded * gflop["encoder_gflop"] + decoded * gflop["decoder_gflop"]
+            entry["vit_l_gflop"] = total
+            entry["t4_seconds_estimate"] = total / (GPU_PEAK_TFLOPS["T4"] * 1e3 * ASSUMED_T4_FRACTION)
+        summary["variants"][name] = entry
+    verdicts = {}
+    for name, entry in summary["variants"].items():
+        if name != "baseline":
+            verdicts[name] = "default" if entry["score_difference"]["low"] > 0 else "option"
+    summary["verdicts"] = verdicts
+    return summary
+
+
+def markdown(summary: dict[str, Any]) -> str:
+    def interval(d: dict[str, float]) -> str:
+        return f"{d['mean']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}]"
+
+    lines = [f"{summary['cases']} whole test cases, weights {', '.join(summary['weights'])}; differences against "
+             "the baseline are per case (mean over the weights), with 95 % bootstrap intervals over cases.\n",
+             "| variant | score | Δ score [95 % CI] | higher / lower | Δ WFSS | Δ DSC_soft | Δ NAE_AC (challenge) "
+             "| Δ NAE of the reported AC | frames encoded / decoded | CPU s per case (this config) "
+             "| ViT-L GFLOP per case | T4 s per case (ESTIMATE) |", "|" + "---|" * 12]
+    for name, e in summary["variants"].items():
+        if name == "baseline":
+            deltas = "– | – | – | – | – | –"
+        else:
+            d = e["score_difference"]
+            deltas = (f"{interval(d)} | {d['higher']} / {d['lower']} | {interval(e['wfss_difference'])} "
+                      f"| {interval(e['dsc_soft_difference'])} | {interval(e['nae_ac_difference'])} "
+                      f"| {interval(e['reported_nae_difference'])}")
+        gflop = f"{e['vit_l_gflop']:,.0f}" if "vit_l_gflop" in e else "–"
+        t4 = f"{e['t4_seconds_estimate']:.1f}" if "t4_seconds_estimate" in e else "–"
+        lines.append(f"| {name} | {e['score']:.4f} | {deltas} | {e['frames_encoded']:.0f} / {e['frames_decoded']:.0f} "
+                     f"| {e['cpu_seconds']:.1f} | {gflop} | {t4} |")
+    lines.append(f"\nT4 seconds: the ViT-L GFLOP at {ASSUMED_T4_FRACTION:.0%} of a T4's nominal "
+                 f"{GPU_PEAK_TFLOPS['T4']:.0f} TFLOP/s fp16 (an assumed fraction: no GPU check has measured one). "
+                 "A variant becomes a default only where its score interval's lower bound is above zero: "
+                 + ", ".join(f"{n}: {v}" for n, v in summary["verdicts"].items()) + ".")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = CommandParser(prog="python -m training levers", description=__doc__.splitlines()[0])
+    parser.add_argument("--weights", type=Path, nargs="+", required=True,
+                        help="one checkpoint per training seed (.safetensors)")
+    parser.add_argument("--data", type=existing_folder, required=True,
+                        help="test cases in the release layout (images, masks, circumferences.csv)")
+    parser.add_argument("--out", type=Path, required=True, help="folder for levers.jsonl, levers.md, levers.json")
+    parser.add_argument("--device", default="cpu", help="where the network runs (default cpu)")
+    parser.add_argument("--limit", type=number(int, minimum=1), default=None,
+                        help="the first N cases only (default: all)")
+    parser.add_argument("--no-flops", action="store_true",
+                        help="skip counting the full ViT-L's FLOP per frame (default: count them, ~1 GB, seconds)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+
+    def run() -> int:
+        for path in args.weights:
+            if not path.is_file():
+                raise MissingInput(f"--weights {path}: no such file")
+        records = run_study(args.weights, args.data, args.out, args.device, args.limit, not args.no_progress)
+        gflop = None if args.no_flops else per_frame_gflop(Config().model)
+        summary = summarise(records, gflop)
+        summary["gflop_per_frame_vit_l"] = gflop
+        (args.out / "levers.json").write_text(json.dumps(summary, indent=2) + "\n")
+        text = markdown(summary)
+        (args.out / "levers.md").write_text(text)
+        print(text, end="")
+        return 0
+
+    return run_command(run)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
