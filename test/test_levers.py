@@ -232,3 +232,28 @@ def test_the_study_scores_every_variant_on_every_case_and_resumes(bundled, tmp_p
     assert "| tta flip |" in capsys.readouterr().out
     assert training_main(args) == 0  # a second run finds every case done and adds nothing
     assert len((out / "levers.jsonl").read_text().splitlines()) == len(records)
+
+
+def test_two_shards_split_the_cases_and_their_journals_summarise_as_one(bundled, tmp_path):
+    data = tmp_path / "test"
+    write_dataset(data, cases=2, frames_per_sweep=8, seed=29)
+    for k in (1, 2):
+        assert training_main(["levers", "--weights", str(bundled), "--data", str(data), "--out",
+                              str(tmp_path / f"part{k}"), "--shard", f"{k}/2", "--threads", "1", "--no-flops",
+                              "--no-progress"]) == 0
+    parts = [(tmp_path / f"part{k}" / "levers.jsonl").read_text() for k in (1, 2)]
+    cases = [{json.loads(line)["case"] for line in part.splitlines()} for part in parts]
+    assert len(cases[0]) == len(cases[1]) == 1 and cases[0] != cases[1]
+    joined = tmp_path / "joined"
+    joined.mkdir()
+    (joined / "levers.jsonl").write_text("".join(parts))
+    assert training_main(["levers", "--weights", str(bundled), "--data", str(data), "--out", str(joined),
+                          "--summary-only", "--no-flops"]) == 0
+    assert json.loads((joined / "levers.json").read_text())["cases"] == 2
+
+
+@pytest.mark.parametrize("shard", ["0/2", "3/2", "a/b", "2"])
+def test_a_bad_shard_is_refused_at_the_parser(shard, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        training_main(["levers", "--weights", "w.safetensors", "--data", ".", "--out", "x", "--shard", shard])
+    assert exit_info.value.code == 2 and "--shard" in capsys.readouterr().err

@@ -20,6 +20,7 @@ case and variant; a second run skips what is there), `levers.md` and `levers.jso
 """
 from __future__ import annotations
 
+import argparse
 import copy
 import dataclasses
 import json
@@ -113,19 +114,19 @@ def score_case(weights_label: str, uuid: str, stack: np.ndarray, labels: np.ndar
 
 
 def run_study(weights: Sequence[Path], data: Path, out: Path, device: str = "cpu", limit: int | None = None,
-              progress: bool = True) -> list[dict[str, Any]]:
-    """Score every variant on every case for every weights file, appending to out/levers.jsonl."""
+              progress: bool = True, shard: tuple[int, int] = (1, 1)) -> list[dict[str, Any]]:
+    """Score every variant on every case for every weights file, appending to out/levers.jsonl. `shard`
+    (i, n) takes every n-th case from the i-th: n processes, each with its own `out`, share a machine's cores
+    (their journals concatenated are one study)."""
     out.mkdir(parents=True, exist_ok=True)
     journal = out / "levers.jsonl"
     records = [json.loads(line) for line in journal.read_text().splitlines()] if journal.is_file() else []
     done = {(r["weights"], r["case"]) for r in records}
-    uuids = list_ground_truth_cases(data)[:limit]
+    uuids = list_ground_truth_cases(data)[:limit][shard[0] - 1::shard[1]]
     if not uuids:
         raise MissingInput(f"no ground-truth cases under {data / layout.MASKS_DIR}")
     references = read_reference_acs(data)
-    names = [w.parent.name or w.stem for w in weights]  # a run folder's name, as reproduce and train write them
-    unique = len(set(names)) == len(names)
-    labels_of = {str(w): name if unique else f"{k + 1}:{name}" for k, (w, name) in enumerate(zip(weights, names))}
+    labels_of = weights_labels(weights)
     for path in weights:
         network, _ = load_network(path, {"device": device})
         off = dataclasses.replace(network.config.inference, **LEVERS_OFF)
@@ -141,6 +142,32 @@ def run_study(weights: Sequence[Path], data: Path, out: Path, device: str = "cpu
                 handle.writelines(json.dumps(r) + "\n" for r in case_records)
             records += case_records
     return [r for r in records if r["case"] in uuids and r["weights"] in labels_of.values()]
+
+
+def shard_argument(text: str) -> tuple[int, int]:
+    """`I/N` with 1 <= I <= N."""
+    index, _, count = text.partition("/")
+    try:
+        i, n = int(index), int(count)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected I/N such as 1/2, got {text!r}") from None
+    if not 1 <= i <= n:
+        raise argparse.ArgumentTypeError(f"expected 1 <= I <= N, got {text!r}")
+    return i, n
+
+
+def weights_labels(weights: Sequence[Path]) -> dict[str, str]:
+    """path -> the label of its records: the run folder's name (numbered when two are alike)."""
+    names = [w.parent.name or w.stem for w in weights]
+    unique = len(set(names)) == len(names)
+    return {str(w): name if unique else f"{k + 1}:{name}" for k, (w, name) in enumerate(zip(weights, names))}
+
+
+def read_journal(out: Path, weights: Sequence[Path]) -> list[dict[str, Any]]:
+    journal = out / "levers.jsonl"
+    labels = set(weights_labels(weights).values())
+    records = [json.loads(line) for line in journal.read_text().splitlines()] if journal.is_file() else []
+    return [r for r in records if r["weights"] in labels]
 
 
 def per_frame_gflop(config: ModelConfig) -> dict[str, float]:
@@ -226,6 +253,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", help="where the network runs (default cpu)")
     parser.add_argument("--limit", type=number(int, minimum=1), default=None,
                         help="the first N cases only (default: all)")
+    parser.add_argument("--shard", type=shard_argument, default=(1, 1), metavar="I/N",
+                        help="every N-th case from the I-th, for N processes side by side (default 1/1: all)")
+    parser.add_argument("--threads", type=number(int, minimum=1), default=None,
+                        help="torch CPU threads (default: torch's own)")
+    parser.add_argument("--summary-only", action="store_true",
+                        help="only summarise the journal already in --out (default: run what is missing first)")
     parser.add_argument("--no-flops", action="store_true",
                         help="skip counting the full ViT-L's FLOP per frame (default: count them, ~1 GB, seconds)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -235,7 +268,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         for path in args.weights:
             if not path.is_file():
                 raise MissingInput(f"--weights {path}: no such file")
-        records = run_study(args.weights, args.data, args.out, args.device, args.limit, not args.no_progress)
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        records = read_journal(args.out, args.weights) if args.summary_only else \
+            run_study(args.weights, args.data, args.out, args.device, args.limit, not args.no_progress, args.shard)
+        if not records:
+            raise MissingInput(f"no records for these weights in {args.out / 'levers.jsonl'}")
         gflop = None if args.no_flops else per_frame_gflop(Config().model)
         summary = summarise(records, gflop)
         summary["gflop_per_frame_vit_l"] = gflop
