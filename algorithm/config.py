@@ -30,7 +30,7 @@ DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 # The leaderboard levers (docs/levers.md measures each): test-time augmentation on the frames that can be
 # chosen, the rule that picks the frame, and how the AC ellipse is fitted.
-TTA_MODES = ("none", "flip")
+TTA_MODES = ("auto", "none", "flip")
 SELECTION_RULES = ("frame", "sweep")
 AC_FITS = ("contour", "subpixel")
 MASK_OUTPUTS = ("mask", "ellipse")
@@ -137,8 +137,10 @@ class InferenceConfig:
     liftoff_max_mean: float = LIFTOFF_MAX_MEAN
     # --- leaderboard levers (docs/levers.md: each measured on whole replica cases, paired, with its cost)
     # Test-time augmentation on the frames the mask decoder runs on (those that can be chosen): "flip" also
-    # runs their horizontal mirror image and averages frame-head and abdomen probabilities.
-    tta: str = "none"  # none | flip
+    # runs their horizontal mirror image and averages frame-head and abdomen probabilities. auto = flip on
+    # CUDA (it raised the challenge score on whole replica cases, docs/levers.md, for a few seconds of a
+    # T4), none on the CPU (the full model's minutes per case leave no room for it).
+    tta: str = "auto"  # auto | none | flip
     # "frame": the best frame of the case (tier, then evidence); "sweep": the sweep with the most frames that
     # qualify first, then its best frame.
     selection: str = "frame"  # frame | sweep

@@ -74,7 +74,8 @@ def add_inference_options(parser: argparse.ArgumentParser | argparse._ArgumentGr
         "wide (ViT-L) on the CPU, every frame otherwise)"))
     parser.add_argument("--tta", default=None, choices=TTA_MODES, help=(
         "test-time augmentation on the frames that can be chosen: flip also runs their mirror image and "
-        f"averages the probabilities (default: the checkpoint's, else {_DEFAULTS.tta}; docs/levers.md)"))
+        f"averages the probabilities (default: the checkpoint's, else {_DEFAULTS.tta}: flip on CUDA, none on "
+        "the CPU; docs/levers.md)"))
     parser.add_argument("--selection", default=None, choices=SELECTION_RULES, help=(
         "frame: the best frame of the case; sweep: the sweep with the most qualifying frames, then its best "
         f"frame (default: the checkpoint's, else {_DEFAULTS.selection})"))

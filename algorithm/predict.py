@@ -76,11 +76,11 @@ def predict(stack: np.ndarray, network: Network, search: FrameSearch | None = No
     decision = decide(scores, fov, (height, width), inference, timer)
     return CaseResult(**decision, scores=scores, fov=fov, timings=dict(timer.seconds),
                       frames_encoded=found.frames_encoded, frames_decoded=int(scores.decoded.sum()),
-                      search=found.details, levers=levers_of(inference))
+                      search=found.details, levers={**levers_of(inference), "tta": search.tta})
 
 
 def levers_of(inference: InferenceConfig) -> dict[str, str]:
-    """The leaderboard levers in force (the settings a checkpoint may carry), for result.json."""
+    """The leaderboard levers of a configuration (the settings a checkpoint may carry), for result.json."""
     return {name: getattr(inference, name) for name in CHECKPOINT_INFERENCE_CHOICES}
 
 

@@ -15,7 +15,7 @@ and `batch_size` can be searched.
   NaN mask fraction. The chosen frame is exactly the one a full decode gives. On the CPU the decision is
   taken after every batch (features of few frames held); on CUDA once, after every frame of the call is
   encoded (features held on the GPU, in the half type), so the GPU never waits for the host in between.
-* Test-time flip (`tta` "flip"): after the search, the frames the decoder ran on (the only ones that can
+* Test-time flip (`tta` "flip", auto on CUDA): after the search, the frames the decoder ran on (the only ones that can
   be chosen) also run mirrored, and the two results are averaged (`augment`).
 * Coarse-to-fine search (`coarse_stride` > 1, the CPU default for wide encoders): encode every k-th frame
   of each sweep, then encode the +-`refine_radius` neighbourhood of the best `refine_candidates` frames of
@@ -104,6 +104,15 @@ def resolve_coarse_stride(config: InferenceConfig, device: torch.device, encoder
     return max(1, config.cpu_coarse_stride)
 
 
+def resolve_tta(config: InferenceConfig, device: torch.device) -> str:
+    """`tta` auto -> "flip" on CUDA, "none" on the CPU; "none" and "flip" as given."""
+    if config.tta == "auto":
+        return "flip" if device.type == "cuda" else "none"
+    if config.tta not in ("none", "flip"):
+        raise ValueError(f"unknown test-time augmentation {config.tta!r}")
+    return config.tta
+
+
 def liftoff_frames(stack: np.ndarray, max_mean: float, chunk: int = 64) -> np.ndarray:
     """Frames so dark (probe lifted off the belly) that they cannot show an abdomen."""
     means = np.concatenate([stack[i:i + chunk].mean(axis=(1, 2)) for i in range(0, len(stack), chunk)]) \
@@ -181,15 +190,16 @@ class FrameSearch:
     config: InferenceConfig
     coarse_stride: int = 1  # 1: every frame
     lazy_decoder: bool = True
+    tta: str = "none"  # none | flip (resolved: never auto)
 
     @classmethod
     def for_network(cls, network: "Network") -> "FrameSearch":
         inference = network.config.inference
         stride = resolve_coarse_stride(inference, network.device, network.config.model.width)
-        return cls(inference, stride, inference.decodes_lazily)
+        return cls(inference, stride, inference.decodes_lazily, resolve_tta(inference, network.device))
 
     def describe(self) -> dict:
-        return {"coarse_stride": self.coarse_stride, "lazy_decoder": self.lazy_decoder}
+        return {"coarse_stride": self.coarse_stride, "lazy_decoder": self.lazy_decoder, "tta": self.tta}
 
     def frames_to_encode(self, stack: np.ndarray) -> np.ndarray:
         """Every frame except probe lift-off."""
@@ -213,9 +223,9 @@ class FrameSearch:
             details.update(self.coarse_to_fine(stack, network, frames, scores, progress, timer))
         details["frames_reencoded"] = self.complete_masks(stack, network, scores, progress, timer) \
             if self.lazy_decoder else 0
-        details["tta"] = self.config.tta
+        details["tta"] = self.tta
         details["frames_augmented"] = self.augment(stack, network, scores, progress, timer) \
-            if self.config.tta == "flip" else 0
+            if self.tta == "flip" else 0
         encoded = int(scores.scored.sum()) + details["frames_reencoded"] + details["frames_augmented"]
         progress.finish(encoded, int(scores.decoded.sum()))
         return Searched(scores, encoded, details)

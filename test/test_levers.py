@@ -24,7 +24,7 @@ from algorithm.contract import read_stack
 from algorithm.model.checkpoint import CheckpointError, read_checkpoint_info
 from algorithm.network import load_network
 from algorithm.predict import decide, predict
-from algorithm.search import FrameScores, FrameSearch
+from algorithm.search import FrameScores, FrameSearch, resolve_tta
 from algorithm.select import select_frame
 from training.__main__ import main as training_main
 from training.data import layout
@@ -79,6 +79,15 @@ def test_predict_with_flip_encodes_the_decoded_frames_twice_and_says_so(bundled,
     assert with_flip.search["frames_augmented"] == without.frames_decoded > 0
     assert with_flip.frames_encoded == without.frames_encoded + without.frames_decoded
     assert with_flip.summary()["levers"]["tta"] == "flip" and without.summary()["levers"]["tta"] == "none"
+
+
+def test_auto_flips_on_cuda_only_and_an_unknown_mode_is_refused():
+    assert resolve_tta(InferenceConfig(), torch.device("cuda")) == "flip"
+    assert resolve_tta(InferenceConfig(), torch.device("cpu")) == "none"
+    assert resolve_tta(InferenceConfig(tta="flip"), torch.device("cpu")) == "flip"
+    assert resolve_tta(InferenceConfig(tta="none"), torch.device("cuda")) == "none"
+    with pytest.raises(ValueError, match="rotate"):
+        resolve_tta(InferenceConfig(tta="rotate"), torch.device("cpu"))
 
 
 # ------------------------------------------------------------------------------------------ sweep-first rule

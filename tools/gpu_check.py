@@ -250,8 +250,9 @@ def correctness(report: Report, device: str, quick: bool, seed: int, frames_per_
         figures["case"] = {"seed": seed, "frames": int(len(stack)), "weights": bundled_weights().name}
         # The reference decodes every frame (all mask fractions compared); --quick keeps the lazy decoder
         # (same chosen frame by construction) to stay within minutes on a small CPU.
+        # Both sides without test-time flip (auto would flip on CUDA only): this section compares precisions.
         reference = predict(stack, network_for(bundled_weights(), "cpu", precision="fp32", coarse_stride=1,
-                                               lazy_decoder="auto" if quick else "off"))
+                                               lazy_decoder="auto" if quick else "off", tta="none"))
         finite = np.isfinite(reference.scores.probabilities[reference.scores.scored]).all() and \
             np.isfinite(reference.scores.mask_fractions[reference.scores.decoded]).all()
         report.check("cpu_reference_finite", finite)
@@ -263,7 +264,7 @@ def correctness(report: Report, device: str, quick: bool, seed: int, frames_per_
             runs = {"cuda_default": ("cuda", "auto"), "cuda_fp16": ("cuda", "fp16"), "cuda_bf16": ("cuda", "bf16")}
         results = {}
         for name, (where, precision) in runs.items():
-            network = network_for(bundled_weights(), where, precision=precision, coarse_stride=1)
+            network = network_for(bundled_weights(), where, precision=precision, coarse_stride=1, tta="none")
             started = time.perf_counter()
             results[name] = predict(stack, network)
             row = compare_cases(results[name], reference)

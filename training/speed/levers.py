@@ -50,7 +50,7 @@ from training.speed.measure import GPU_PEAK_TFLOPS, count_flops
 
 log = logging.getLogger("training")
 
-LEVERS_OFF = {"tta": "none", "selection": "frame", "ac_fit": "contour", "mask_output": "mask"}
+LEVERS_OFF = {"tta": "none", "selection": "frame", "ac_fit": "contour", "mask_output": "mask"}  # auto is not off
 # name -> the settings it changes from LEVERS_OFF; "baseline" is the reference of every pair
 VARIANTS: dict[str, dict[str, str]] = {
     "baseline": {},
@@ -130,7 +130,7 @@ def run_study(weights: Sequence[Path], data: Path, out: Path, device: str = "cpu
     for path in weights:
         network, _ = load_network(path, {"device": device})
         off = dataclasses.replace(network.config.inference, **LEVERS_OFF)
-        search = dataclasses.replace(FrameSearch.for_network(network), config=off)
+        search = dataclasses.replace(FrameSearch.for_network(network), config=off, tta="none")
         label = labels_of[str(path)]
         todo = [u for u in uuids if (label, u) not in done]
         for uuid in tqdm(todo, desc=label, unit="case", disable=not progress):
