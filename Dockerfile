@@ -62,7 +62,7 @@ COPY pyproject.toml constraints.txt tools/container/runtime_requirements.py /tmp
 RUN set -eu; \
     python /tmp/src/runtime_requirements.py /tmp/src/pyproject.toml /tmp/src/constraints.txt /tmp/pip; \
     python -m pip install --no-cache-dir --constraint /tmp/pip/constraints.txt --requirement /tmp/pip/requirements.txt; \
-    python -c "import torch, torchvision, open_clip, peft, safetensors, SimpleITK, cv2, scipy, numpy, PIL, rich, fastapi, uvicorn; \
+    python -c "import torch, torchvision, open_clip, peft, safetensors, SimpleITK, cv2, scipy, contourpy, numpy, PIL, rich, fastapi, uvicorn; \
 print('torch', torch.__version__, 'cuda', torch.version.cuda, 'torchvision', torchvision.__version__)"; \
     command -v dumb-init; \
     rm -rf /tmp/src /tmp/pip /root/.cache
