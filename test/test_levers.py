@@ -239,6 +239,7 @@ def test_the_study_scores_every_variant_on_every_case_and_resumes(bundled, tmp_p
     flip, base = summary["variants"]["tta flip"], summary["variants"]["baseline"]
     assert flip["frames_encoded"] == base["frames_encoded"] + base["frames_decoded"]
     assert "| tta flip |" in capsys.readouterr().out
+    assert (out / "levers.png").read_bytes().startswith(b"\x89PNG")
     assert training_main(args) == 0  # a second run finds every case done and adds nothing
     assert len((out / "levers.jsonl").read_text().splitlines()) == len(records)
 

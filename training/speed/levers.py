@@ -16,7 +16,7 @@ mean difference per case and its 95 % bootstrap interval over cases (`bootstrap_
 new default is a lower bound above zero. Cost per variant: frames encoded and decoded, CPU seconds per case
 measured here, GFLOP per case of the full ViT-L/14 (counted per frame by FlopCounter on a random ViT-L) and
 a T4 time from those FLOP (an estimate, labelled so). Results go to `levers.jsonl` (one line per weights,
-case and variant; a second run skips what is there), `levers.md` and `levers.json`.
+case and variant; a second run skips what is there), `levers.md`, `levers.json` and `levers.png`.
 """
 from __future__ import annotations
 
@@ -44,6 +44,7 @@ from algorithm.predict import decide
 from algorithm.search import FrameSearch
 from training.cli import CommandParser, MissingInput, existing_folder, number, run_command
 from training.data import layout
+from training.scoring.report_plots import plt, save_figure
 from training.scoring.evaluate import list_ground_truth_cases, read_reference_acs
 from training.scoring.metrics import case_score, nae_ac
 from training.speed.measure import GPU_PEAK_TFLOPS, count_flops
@@ -243,13 +244,38 @@ def markdown(summary: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot(summary: dict[str, Any], path: Path) -> Path:
+    """Each variant's paired score difference against the baseline with its 95 % interval, and its cost."""
+    names = [n for n in summary["variants"] if n != "baseline"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 0.6 * len(names) + 1.8), sharey=True,
+                                      gridspec_kw={"width_ratios": [3, 2]})
+    y = np.arange(len(names))[::-1]
+    for row, name in zip(y, names):
+        d = summary["variants"][name]["score_difference"]
+        colour = "tab:green" if d["low"] > 0 else ("tab:red" if d["high"] < 0 else "0.4")
+        left.errorbar(d["mean"], row, xerr=[[d["mean"] - d["low"]], [d["high"] - d["mean"]]], fmt="o",
+                      color=colour, capsize=4)
+    left.axvline(0.0, color="0.6", lw=1)
+    left.set(yticks=y, yticklabels=names, xlabel="challenge score difference against the baseline (95 % CI)",
+             title=f"{summary['cases']} whole cases; weights: {', '.join(summary['weights'])}")
+    left.grid(alpha=0.3, axis="x")
+    base = summary["variants"]["baseline"]
+    extra = [summary["variants"][n]["frames_encoded"] + summary["variants"][n]["frames_decoded"]
+             - base["frames_encoded"] - base["frames_decoded"] for n in names]
+    right.barh(y, extra, color="0.6")
+    right.set(xlabel="extra frame passes per case\n(encoder + decoder)", title="cost")
+    right.grid(alpha=0.3, axis="x")
+    return save_figure(fig, path)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = CommandParser(prog="python -m training levers", description=__doc__.splitlines()[0])
     parser.add_argument("--weights", type=Path, nargs="+", required=True,
                         help="one checkpoint per training seed (.safetensors)")
     parser.add_argument("--data", type=existing_folder, required=True,
                         help="test cases in the release layout (images, masks, circumferences.csv)")
-    parser.add_argument("--out", type=Path, required=True, help="folder for levers.jsonl, levers.md, levers.json")
+    parser.add_argument("--out", type=Path, required=True,
+                        help="folder for levers.jsonl, levers.md, levers.json and levers.png")
     parser.add_argument("--device", default="cpu", help="where the network runs (default cpu)")
     parser.add_argument("--limit", type=number(int, minimum=1), default=None,
                         help="the first N cases only (default: all)")
@@ -280,6 +306,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         (args.out / "levers.json").write_text(json.dumps(summary, indent=2) + "\n")
         text = markdown(summary)
         (args.out / "levers.md").write_text(text)
+        plot(summary, args.out / "levers.png")
         print(text, end="")
         return 0
 
