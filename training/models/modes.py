@@ -37,7 +37,8 @@ LEGACY_MODES = {"cls": "probe"}  # former names, still accepted wherever a mode 
 
 PAPER_LORA_TARGETS = ("c_fc", "c_proj", "out_proj")
 FIXED_LORA_TARGETS = ("c_fc", "c_proj", "attn")
-# The decoder of `fixed` (`--decoder separable` is the lighter alternative; docs/training.md compares them).
+# The decoder of `fixed` (`--decoder separable` is the lighter alternative;
+# docs/notes/training-replica-results.md compares them).
 FIXED_DECODER = "unetr"
 
 

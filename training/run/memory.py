@@ -16,12 +16,13 @@ for the backward pass, so the hooks count them. Where none do (an encoder under 
 is saved and the hooks see nothing, yet the copies are made; the estimate then counts one half-precision
 copy of the frozen block weights ("cast copies"). That is conservative on a GPU, where the copies are
 transient; on the CPU, oneDNN's half-precision matmuls of such an encoder held more than that once the
-micro-batch grew past one frame (docs/training.md).
+micro-batch grew past one frame (docs/notes/training-memory.md).
 
 BACKWARD_FACTOR covers what the backward pass holds beside the saved activations (the gradients of the
 largest ones), WORKSPACE the kernels' scratch memory; both were calibrated against the measured peak of a
 real step (`python -m training memory --measure N`, small and full configurations on the CPU;
-docs/training.md). On a GPU the plan also keeps HEADROOM of the free memory for the allocator's fragmentation.
+docs/notes/training-memory.md). On a GPU the plan also keeps HEADROOM of the free memory for the allocator's
+fragmentation.
 """
 from __future__ import annotations
 

@@ -26,7 +26,7 @@ it spends decoder passes where they teach most:
 * optionally (`--mine-epochs N`, off by default) N more epochs of hard-negative mining (training.data.mining)
   from the best of those weights, AdamW 3e-4, half of every negative draw taken from the negatives the
   frame head still calls abdomen, again keeping the epoch with the lowest validation loss. Off by default
-  because it fixed the acceptance cases at the cost of other replica cases (docs/training.md).
+  because it fixed the acceptance cases at the cost of other replica cases (docs/notes/demo-weights.md).
 """
 from __future__ import annotations
 
