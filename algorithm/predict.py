@@ -76,8 +76,8 @@ def predict(stack: np.ndarray, network: Network, search: FrameSearch | None = No
     decision = decide(scores, fov, (height, width), inference, timer)
     return CaseResult(**decision, scores=scores, fov=fov, timings=dict(timer.seconds),
                       frames_encoded=found.frames_encoded, frames_decoded=int(scores.decoded.sum()),
-                      search=found.details,
-                      levers={**levers_of(inference), "tta": found.details.get("tta", "none")})  # as run
+                      search=found.details,  # the flip as the search ran it: "auto" resolved, or none at all
+                      levers={**levers_of(inference), "tta": found.details.get("tta", "none")})
 
 
 def levers_of(inference: InferenceConfig) -> dict[str, str]:

@@ -51,7 +51,8 @@ from training.speed.measure import GPU_PEAK_TFLOPS, count_flops
 
 log = logging.getLogger("training")
 
-LEVERS_OFF = {"tta": "none", "selection": "frame", "ac_fit": "contour", "mask_output": "mask"}  # auto is not off
+# Every lever off, whatever the checkpoint or the device would choose (tta "auto" flips on CUDA).
+LEVERS_OFF = {"tta": "none", "selection": "frame", "ac_fit": "contour", "mask_output": "mask"}
 # name -> the settings it changes from LEVERS_OFF; "baseline" is the reference of every pair
 VARIANTS: dict[str, dict[str, str]] = {
     "baseline": {},
