@@ -37,7 +37,7 @@ class CaseResult:
     frames_encoded: int
     frames_decoded: int = 0
     search: dict = field(default_factory=dict)  # how the frames were searched (stride, rounds, ...)
-    levers: dict = field(default_factory=dict)  # the leaderboard levers in force (tta, selection, ac_fit)
+    levers: dict = field(default_factory=dict)  # the leaderboard levers in force (tta as the search ran it)
 
     def summary(self) -> dict:
         """What people want to read about a case (the log and result.json)."""

@@ -15,8 +15,8 @@ and `batch_size` can be searched.
   NaN mask fraction. The chosen frame is exactly the one a full decode gives. On the CPU the decision is
   taken after every batch (features of few frames held); on CUDA once, after every frame of the call is
   encoded (features held on the GPU, in the half type), so the GPU never waits for the host in between.
-* Test-time flip (`tta` "flip", auto on CUDA): after the search, the frames the decoder ran on (the only ones that can
-  be chosen) also run mirrored, and the two results are averaged (`augment`).
+* Test-time flip (`tta` "flip", auto on CUDA): after the search, the frames the decoder ran on (the only
+  ones that can be chosen) also run mirrored, and the two results are averaged (`augment`).
 * Coarse-to-fine search (`coarse_stride` > 1, the CPU default for wide encoders): encode every k-th frame
   of each sweep, then encode the +-`refine_radius` neighbourhood of the best `refine_candidates` frames of
   every sweep, and repeat while the best frames move (a run of abdomen frames is followed to its best frame).
@@ -346,17 +346,26 @@ class FrameSearch:
     @torch.inference_mode()
     def _encode_and_decode(self, stack: np.ndarray, network: "Network", frames: np.ndarray, scores: FrameScores,
                            progress: SearchProgress, timer: StageTimer) -> None:
-        decoded: Decoded = []
+        decoded: Decoded = [(chunk, abdomen, fractions) for chunk, _, abdomen, fractions
+                            in self._whole_passes(stack, network, frames, progress, timer)]
+        copy_masks(decoded, scores)
+
+    def _whole_passes(self, stack: np.ndarray, network: "Network", frames: np.ndarray, progress: SearchProgress,
+                      timer: StageTimer, mirrored: bool = False
+                      ) -> Iterator[tuple[np.ndarray, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Encoder and decoder on `frames` (their mirror images with `mirrored`), batch by batch: per batch the
+        frames, frame-head probabilities, abdomen maps and mask fractions, on the device."""
         for start in range(0, len(frames), network.batch_size):
             chunk = frames[start:start + network.batch_size]
+            pixels = stack[chunk][..., ::-1] if mirrored else stack[chunk]
             with timer.device_span("preprocess"):
-                inputs = network.preprocess(torch.from_numpy(np.ascontiguousarray(stack[chunk])))
+                inputs = network.preprocess(torch.from_numpy(np.ascontiguousarray(pixels)))
             with timer.device_span("encode"):
-                features, _ = network.encode(inputs)
+                features, probabilities = network.encode(inputs)
             with timer.device_span("decode"):
-                decoded.append((chunk, *network.decode(inputs, features)))
+                abdomen, fractions = network.decode(inputs, features)
+            yield chunk, probabilities, abdomen, fractions
             progress.advance(len(chunk))
-        copy_masks(decoded, scores)
 
     # ------------------------------------------------------------------------------------------ test-time flip
 
@@ -371,24 +380,17 @@ class FrameSearch:
         if not len(frames):
             return 0
         progress = progress or SearchProgress()
-        timer = timer or StageTimer(network.device)
         progress.stage("test-time flip", len(frames))
         threshold = self.config.mask_threshold
-        for start in range(0, len(frames), network.batch_size):
-            chunk = frames[start:start + network.batch_size]
-            with timer.device_span("preprocess"):
-                inputs = network.preprocess(torch.from_numpy(np.ascontiguousarray(stack[chunk][..., ::-1])))
-            with timer.device_span("encode"):
-                features, probabilities = network.encode(inputs)
-            with timer.device_span("decode"):
-                abdomen, _ = network.decode(inputs, features)
+        for chunk, probabilities, abdomen, _ in self._whole_passes(stack, network, frames, progress,
+                                                                   timer or StageTimer(network.device),
+                                                                   mirrored=True):
             mirrored = abdomen.flip(-1).float().cpu()
             scores.probabilities[chunk] = 0.5 * (scores.probabilities[chunk] + probabilities.float().cpu().numpy())
             for row, frame in enumerate(chunk.tolist()):
                 averaged = 0.5 * (scores.abdomen_maps[frame].float() + mirrored[row])
                 scores.abdomen_maps[frame] = averaged.half()
                 scores.mask_fractions[frame] = float((averaged >= threshold).float().mean())
-            progress.advance(len(chunk))
         return int(len(frames))
 
     # ------------------------------------------------------------------------------------------ coarse to fine
