@@ -35,7 +35,7 @@ import SimpleITK as sitk
 import torch
 from tqdm import tqdm
 
-from algorithm.config import Config, InferenceConfig, ModelConfig
+from algorithm.config import SWEEPS_PER_CASE, Config, InferenceConfig, ModelConfig
 from algorithm.contract import read_stack
 from algorithm.fov import fov_from_stack
 from algorithm.model.fetalclipseg import build_model
@@ -62,6 +62,7 @@ VARIANTS: dict[str, dict[str, str]] = {
     "ellipse mask": {"mask_output": "ellipse"},
     "ellipse mask, subpixel": {"ac_fit": "subpixel", "mask_output": "ellipse"},
 }
+JOURNAL = "levers.jsonl"  # one JSON line per weights, case and variant
 METRICS = ("score", "wfss", "dsc_soft", "nae_ac", "reported_nae")
 # A T4's fraction of its nominal fp16 peak when no GPU check has measured one: an assumption, said so.
 ASSUMED_T4_FRACTION = 0.4
@@ -121,8 +122,7 @@ def run_study(weights: Sequence[Path], data: Path, out: Path, device: str = "cpu
     (i, n) takes every n-th case from the i-th: n processes, each with its own `out`, share a machine's cores
     (their journals concatenated are one study)."""
     out.mkdir(parents=True, exist_ok=True)
-    journal = out / "levers.jsonl"
-    records = [json.loads(line) for line in journal.read_text().splitlines()] if journal.is_file() else []
+    records = read_journal(out, weights)
     done = {(r["weights"], r["case"]) for r in records}
     uuids = list_ground_truth_cases(data)[:limit][shard[0] - 1::shard[1]]
     if not uuids:
@@ -138,12 +138,12 @@ def run_study(weights: Sequence[Path], data: Path, out: Path, device: str = "cpu
         for uuid in tqdm(todo, desc=label, unit="case", disable=not progress):
             stack = read_stack(layout.image_path(data, uuid)).array
             labels = sitk.GetArrayFromImage(sitk.ReadImage(str(layout.mask_path(data, uuid)), sitk.sitkUInt8))
-            case_records = score_case(label, uuid, stack, labels, references.get(uuid, [None] * 6), network,
-                                      search)
-            with journal.open("a") as handle:
+            reference = references.get(uuid, [None] * SWEEPS_PER_CASE)
+            case_records = score_case(label, uuid, stack, labels, reference, network, search)
+            with (out / JOURNAL).open("a") as handle:
                 handle.writelines(json.dumps(r) + "\n" for r in case_records)
             records += case_records
-    return [r for r in records if r["case"] in uuids and r["weights"] in labels_of.values()]
+    return [r for r in records if r["case"] in uuids]
 
 
 def shard_argument(text: str) -> tuple[int, int]:
@@ -166,7 +166,8 @@ def weights_labels(weights: Sequence[Path]) -> dict[str, str]:
 
 
 def read_journal(out: Path, weights: Sequence[Path]) -> list[dict[str, Any]]:
-    journal = out / "levers.jsonl"
+    """The records of these weights already in out/levers.jsonl."""
+    journal = out / JOURNAL
     labels = set(weights_labels(weights).values())
     records = [json.loads(line) for line in journal.read_text().splitlines()] if journal.is_file() else []
     return [r for r in records if r["weights"] in labels]
@@ -300,7 +301,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         records = read_journal(args.out, args.weights) if args.summary_only else \
             run_study(args.weights, args.data, args.out, args.device, args.limit, not args.no_progress, args.shard)
         if not records:
-            raise MissingInput(f"no records for these weights in {args.out / 'levers.jsonl'}")
+            raise MissingInput(f"no records for these weights in {args.out / JOURNAL}")
         gflop = None if args.no_flops else per_frame_gflop(Config().model)
         summary = summarise(records, gflop)
         summary["gflop_per_frame_vit_l"] = gflop
