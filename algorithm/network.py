@@ -108,6 +108,18 @@ class Network:
         return [f[:len(inputs)] for f in features], probabilities[:len(inputs)]
 
     @torch.inference_mode()
+    def embed(self, inputs: torch.Tensor) -> tuple[Features, torch.Tensor]:
+        """The encoder alone: (decoder features, image embedding); what a shared-encoder ensemble runs once
+        before each member's `classify`."""
+        features, embedding = self._embed(self._padded(inputs))
+        return [f[:len(inputs)] for f in features], embedding[:len(inputs)]
+
+    @torch.inference_mode()
+    def classify(self, embedding: torch.Tensor) -> torch.Tensor:
+        """The frame head alone: image embeddings -> frame-class probabilities (N, 3) float32."""
+        return self._classify(embedding)
+
+    @torch.inference_mode()
     def decode(self, inputs: torch.Tensor, features: Features) -> tuple[torch.Tensor, torch.Tensor]:
         """Mask decoder: (abdomen probability (N, s, s) float16, share of the input the mask covers (N,)), on
         the device. Runs in batches of the batch size on CUDA (the last padded), in chunks of
@@ -197,11 +209,20 @@ class Network:
         return torch.cat([tensor, *[tensor[-1:]] * missing])
 
     def _encode(self, inputs: torch.Tensor) -> tuple[Features, torch.Tensor]:
+        features, embedding = self._embed(inputs)
+        return features, self._classify(embedding)
+
+    def _embed(self, inputs: torch.Tensor) -> tuple[Features, torch.Tensor]:
+        """Encoder only: decoder features (feature type) and the image embedding."""
         with self.plan.autocast():
             features, embedding = self._encoder(inputs.to(self.plan.encoder_dtype))
-            features = [f.to(self.plan.feature_dtype) for f in features]
+            return [f.to(self.plan.feature_dtype) for f in features], embedding
+
+    def _classify(self, embedding: torch.Tensor) -> torch.Tensor:
+        """Frame head: image embedding -> frame-class probabilities (N, 3) float32."""
+        with self.plan.autocast():
             logits = self.model.frame_head(embedding.float())
-        return features, torch.softmax(logits.float(), dim=1)
+        return torch.softmax(logits.float(), dim=1)
 
     def _decode(self, inputs: torch.Tensor, features: Features) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, C, s, s) logits -> abdomen probability (B, s, s) float16 and mask fraction (B,), on device."""
@@ -213,24 +234,36 @@ class Network:
 
 
 def load_network(weights: Path, config_overrides: dict | None = None) -> tuple[Network, dict]:
-    """Load our checkpoint and prepare it; returns the network and the checkpoint's description.
+    """Load our checkpoint (one network, or an ensemble: algorithm.ensemble) and prepare it; returns the
+    network and the checkpoint's description.
 
     The device is chosen first, so that `--device cuda` without a usable GPU fails before the weights are
     read; a CPU fallback while an NVIDIA GPU is visible is logged as a WARNING with its reason.
     """
+    from .ensemble import EnsembleNetwork
     from .model.checkpoint import CheckpointError, load_checkpoint, read_checkpoint_info
+    from .model.ensemble import load_ensemble
 
     choice = select_device((config_overrides or {}).get("device", "auto"))
     if choice.fallback:
         log.warning(choice.fallback)
-    declared = read_checkpoint_info(weights).config
-    if declared.decoder == "none" or declared.frame_classes != 3:
-        raise CheckpointError(f"{weights} holds a frame classifier (decoder {declared.decoder!r}, "
-                              f"{declared.frame_classes} frame class(es)); the algorithm needs a mask decoder and "
-                              "three frame classes")
-    model, info = load_checkpoint(weights, device="cpu")
+    declared = read_checkpoint_info(weights)
+    if declared.config.decoder == "none" or declared.config.frame_classes != 3:
+        raise CheckpointError(f"{weights} holds a frame classifier (decoder {declared.config.decoder!r}, "
+                              f"{declared.config.frame_classes} frame class(es)); the algorithm needs a mask "
+                              "decoder and three frame classes")
+    if declared.ensemble:
+        models, info = load_ensemble(weights, device="cpu")
+    else:
+        model, info = load_checkpoint(weights, device="cpu")
+        models = [model]
     # the dataclass's defaults < the checkpoint's own inference defaults < the command line
     config = Config(model=info.config).replace(**info.inference_defaults).replace(**(config_overrides or {}))
-    network = Network(model, config, choice.device, device_warning=choice.fallback)
-    return network, {"weights": str(weights), "provenance": info.provenance, "version": info.version,
-                     **({"inference_defaults": info.inference_defaults} if info.inference_defaults else {})}
+    members = [Network(model, config, choice.device, device_warning=choice.fallback) for model in models]
+    network = members[0] if len(members) == 1 else EnsembleNetwork(members, info.ensemble.shared_encoder)
+    described = {"weights": str(weights), "provenance": info.provenance, "version": info.version}
+    if info.ensemble:
+        described["ensemble"] = {"members": info.members, "shared_encoder": info.ensemble.shared_encoder}
+    if info.inference_defaults:
+        described["inference_defaults"] = info.inference_defaults
+    return network, described

@@ -19,17 +19,19 @@ from safetensors import safe_open
 import algorithm
 from algorithm import biometry
 from algorithm.__main__ import main as algorithm_main
-from algorithm.config import InferenceConfig
+from algorithm.config import InferenceConfig, ModelConfig
 from algorithm.contract import read_stack
-from algorithm.model.checkpoint import CheckpointError, read_checkpoint_info
+from algorithm.model.checkpoint import CheckpointError, read_checkpoint_info, save_checkpoint
+from algorithm.model.fetalclipseg import build_model
 from algorithm.network import load_network
 from algorithm.predict import decide, predict
 from algorithm.search import FrameScores, FrameSearch, resolve_tta
 from algorithm.select import select_frame
 from training.__main__ import main as training_main
+from training.cli import UsageError
 from training.data import layout
 from training.data.replica import write_dataset
-from training.speed.levers import VARIANTS, bootstrap_interval
+from training.speed.levers import VARIANTS, bootstrap_interval, full_size_model
 
 BUNDLED = Path(algorithm.__file__).resolve().parent / "weights" / "fetalclipseg_small_replica.safetensors"
 
@@ -267,3 +269,19 @@ def test_a_bad_shard_is_refused_at_the_parser(shard, capsys):
     with pytest.raises(SystemExit) as exit_info:
         training_main(["levers", "--weights", "w.safetensors", "--data", ".", "--out", "x", "--shard", shard])
     assert exit_info.value.code == 2 and "--shard" in capsys.readouterr().err
+
+
+def test_flop_counts_follow_the_decoder_the_weights_have(tmp_path):
+    """The paper's separable decoder costs less than ours: the study counts the one the weights carry, and
+    refuses to put one count on weights with different decoders."""
+
+    paths = {}
+    for decoder in ("unetr", "separable"):
+        config = dataclasses.replace(ModelConfig.small(), decoder=decoder, use_lora=False)
+        paths[decoder] = save_checkpoint(tmp_path / decoder / "fetalclipseg.safetensors", build_model(config),
+                                         config, f"a random {decoder} network")
+    separable = full_size_model([paths["separable"]])
+    assert (separable.decoder, separable.width, separable.layers) == ("separable", 1024, 24)
+    assert full_size_model([paths["unetr"]]).decoder == "unetr"
+    with pytest.raises(UsageError, match="different decoders"):
+        full_size_model([paths["unetr"], paths["separable"]])

@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo-weights": ("training.run.recipes:demo_weights_main", "train the bundled small replica weights on the CPU"),
     "levers": ("training.speed.levers:main", "TTA, selection rule, AC fit: paired on whole cases, with cost"),
     "compare": ("training.scoring.compare:main", "several reproduce runs side by side, paired per test case"),
+    "ensemble": ("training.run.ensemble:main", "several trained networks -> one ensemble checkpoint"),
     "inference-defaults": ("training.models.defaults:main", "the levers a checkpoint runs with, written into it"),
     "params": ("training.models.build:params_main", "trainable parameters of every mode beside the paper's"),
     "memory": ("training.run.memory:main", "measure a training step; the set-up that fits a memory budget"),

@@ -27,7 +27,11 @@ from algorithm.errors import WeightsError
 from algorithm.model.fetalclipseg import FetalCLIPSeg, build_model
 
 FORMAT_NAME = "fetalclipseg"
-FORMAT_VERSION = 1
+# 1: one network. 2: an ensemble of networks (algorithm.model.ensemble); single checkpoints stay at 1, so
+# that older code still reads them.
+SINGLE_FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+MAX_ENSEMBLE_MEMBERS = 16
 
 # What a checkpoint may declare. Generous around FetalCLIP's ViT-L/14 and the small configuration, and bounded
 # so that a file cannot ask for an absurd network; the decoder takes exactly four skip layers. Frame heads have
@@ -67,13 +71,41 @@ class CheckpointError(WeightsError):
 
 
 @dataclass(frozen=True)
+class EnsembleLayout:
+    """How an ensemble checkpoint's members are stored: `shared_encoder` means one encoder for all of them
+    (a frame costs one encoder pass and `members` decoder passes), otherwise every member is whole."""
+    members: int
+    shared_encoder: bool
+
+    @classmethod
+    def parse(cls, text: str) -> "EnsembleLayout":
+        data = json.loads(text)
+        if not isinstance(data, dict) or set(data) != {"members", "shared_encoder"}:
+            raise ValueError("ensemble must be a JSON object with exactly members and shared_encoder")
+        members, shared = data["members"], data["shared_encoder"]
+        if type(members) is not int or not 2 <= members <= MAX_ENSEMBLE_MEMBERS:
+            raise ValueError(f"ensemble.members must be an integer in [2, {MAX_ENSEMBLE_MEMBERS}], got {members!r}")
+        if type(shared) is not bool:
+            raise ValueError(f"ensemble.shared_encoder must be true or false, got {shared!r}")
+        return cls(members, shared)
+
+    def to_json(self) -> str:
+        return json.dumps({"members": self.members, "shared_encoder": self.shared_encoder}, sort_keys=True)
+
+
+@dataclass(frozen=True)
 class CheckpointInfo:
     config: ModelConfig
     provenance: str
     version: str  # algorithm version that wrote the file
-    format_version: int = FORMAT_VERSION
+    format_version: int = SINGLE_FORMAT_VERSION
     preprocessing: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+    ensemble: EnsembleLayout | None = None  # None: one network
+
+    @property
+    def members(self) -> int:
+        return self.ensemble.members if self.ensemble else 1
 
     @property
     def inference_defaults(self) -> dict[str, str]:
@@ -127,9 +159,16 @@ def save_checkpoint(path: str | Path, model: FetalCLIPSeg, config: ModelConfig, 
     path = Path(path)
     if config != model.config:
         raise ValueError(f"config does not describe this model (model has {model.config}); not writing {path}")
-    metadata = {
+    return write_weights(path, model.state_dict(), checkpoint_metadata(config, provenance, extra, preprocessing))
+
+
+def checkpoint_metadata(config: ModelConfig, provenance: str, extra: Mapping[str, Any] | None = None,
+                        preprocessing: Mapping[str, Any] | None = None,
+                        format_version: int = SINGLE_FORMAT_VERSION) -> dict[str, str]:
+    """The safetensors header metadata every checkpoint of ours carries (str -> str)."""
+    return {
         "format": FORMAT_NAME,
-        "format_version": str(FORMAT_VERSION),
+        "format_version": str(format_version),
         "algorithm_version": __version__,
         "provenance": provenance,
         "model_config": json.dumps(config.to_dict(), sort_keys=True),
@@ -138,12 +177,16 @@ def save_checkpoint(path: str | Path, model: FetalCLIPSeg, config: ModelConfig, 
         # state-dict key names come from open_clip and peft: recorded to diagnose a future key mismatch
         "libraries": json.dumps(_library_versions(), sort_keys=True),
     }
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+
+
+def write_weights(path: Path, state: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> Path:
+    """Tensors + metadata to `path` atomically (a temp file in the same folder, fsync, rename)."""
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        save_file(tensors, tmp_name, metadata=metadata)
+        save_file(tensors, tmp_name, metadata=dict(metadata))
         with open(tmp_name, "rb") as fh:
             os.fsync(fh.fileno())
         # mkstemp makes the file 0600; a container running as another user must still read it
@@ -228,6 +271,7 @@ def read_checkpoint_info(path: str | Path) -> CheckpointInfo:
             raise ValueError("preprocessing and extra must be JSON objects")
         if "inference" in extra:
             check_inference_defaults(extra["inference"])
+        ensemble = EnsembleLayout.parse(meta["ensemble"]) if format_version >= 2 else None
         return CheckpointInfo(
             config=validate_model_config(json.loads(meta["model_config"])),
             provenance=meta["provenance"],
@@ -235,6 +279,7 @@ def read_checkpoint_info(path: str | Path) -> CheckpointInfo:
             format_version=format_version,
             preprocessing=preprocessing,
             extra=extra,
+            ensemble=ensemble,
         )
     except CheckpointError:
         raise
@@ -255,10 +300,12 @@ _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.
                        "U8": torch.uint8, "BOOL": torch.bool}
 
 
-def check_tensor_headers(path: Path, config: ModelConfig) -> None:
-    """Names, shapes and dtypes in the file's header against what `config` builds, before any weight is read."""
+def check_tensor_headers(path: Path, config: ModelConfig,
+                         expected: Mapping[str, tuple[tuple[int, ...], torch.dtype]] | None = None) -> None:
+    """Names, shapes and dtypes in the file's header against what `config` builds (or `expected`, an
+    ensemble's), before any weight is read."""
     try:
-        expected = expected_tensors(config)
+        expected = expected_tensors(config) if expected is None else expected
     except (ValueError, RuntimeError, TypeError) as exc:
         raise CheckpointError(f"{path}: its config cannot be built: {str(exc)[:300]}") from None
     with safe_open(str(path), framework="pt") as fh:
@@ -296,6 +343,9 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu",
     """
     path = Path(path)
     info = read_checkpoint_info(path)
+    if info.ensemble:
+        raise CheckpointError(f"{path} is an ensemble of {info.members} networks; this reads one network "
+                              "(algorithm.model.ensemble.load_ensemble reads ensembles)")
     check_tensor_headers(path, info.config)
     try:
         state = load_file(str(path), device="cpu")
@@ -317,11 +367,19 @@ def write_inference_defaults(source: str | Path, out: str | Path, settings: Mapp
                              clear: bool = False) -> dict[str, str]:
     """Copy the checkpoint `source` to `out` with `settings` among its inference defaults (extra["inference"];
     `clear` drops the ones it had first). The weights are read and written through the checks of
-    `load_checkpoint` and `save_checkpoint`. Returns the defaults `out` carries."""
-    model, info = load_checkpoint(source, device="cpu")
+    `load_checkpoint` and `save_checkpoint` (an ensemble's through theirs). Returns the defaults `out`
+    carries."""
+    info = read_checkpoint_info(source)
     defaults = check_inference_defaults({**({} if clear else info.inference_defaults), **settings})
     extra = {key: value for key, value in info.extra.items() if key != "inference"}
     if defaults:
         extra["inference"] = defaults
+    if info.ensemble:
+        from algorithm.model.ensemble import load_ensemble, save_ensemble
+
+        members, info = load_ensemble(source)
+        save_ensemble(out, members, info.provenance, extra=extra, preprocessing=info.preprocessing)
+        return defaults
+    model, info = load_checkpoint(source, device="cpu")
     save_checkpoint(out, model, model.config, info.provenance, extra=extra, preprocessing=info.preprocessing)
     return defaults

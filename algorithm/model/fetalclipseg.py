@@ -51,12 +51,16 @@ def build_decoder(config: ModelConfig) -> nn.Module | None:
 
 
 class FetalCLIPSeg(nn.Module):
-    def __init__(self, config: ModelConfig, fetalclip_weights: str | Path | None = None):
+    """`encoder`, when given, is used instead of a new one: the members of a shared-encoder ensemble hold
+    one encoder module between them (algorithm.model.ensemble)."""
+
+    def __init__(self, config: ModelConfig, fetalclip_weights: str | Path | None = None,
+                 encoder: FetalCLIPEncoder | None = None):
         super().__init__()
         if len(config.skip_layers) != 4:
             raise ValueError(f"FetalCLIPSeg takes 4 skip layers, got {config.skip_layers}")
         self.config = config
-        self.encoder = FetalCLIPEncoder(config, weights=fetalclip_weights)
+        self.encoder = encoder if encoder is not None else FetalCLIPEncoder(config, weights=fetalclip_weights)
         self.decoder = build_decoder(config)
         self.frame_head = FrameHead(config.embed_dim, config.frame_classes, config.frame_head)
 

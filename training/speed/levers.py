@@ -17,6 +17,11 @@ new default is a lower bound above zero. Cost per variant: frames encoded and de
 measured here, GFLOP per case of the full ViT-L/14 (counted per frame by FlopCounter on a random ViT-L) and
 a T4 time from those FLOP (an estimate, labelled so). Results go to `levers.jsonl` (one line per weights,
 case and variant; a second run skips what is there), `levers.md`, `levers.json` and `levers.png`.
+
+`--ensemble E.safetensors` (built by `python -m training ensemble` from the `--weights`) adds the ensemble
+lever: E runs the same way, and per case its score is paired against the mean of its members' (both with
+the levers off, and both with the flip), so the difference is what averaging the members buys over running
+one of them. Its FLOP count an encoder pass per member unless the members share one.
 """
 from __future__ import annotations
 
@@ -38,11 +43,12 @@ from tqdm import tqdm
 from algorithm.config import SWEEPS_PER_CASE, Config, InferenceConfig, ModelConfig
 from algorithm.contract import read_stack
 from algorithm.fov import fov_from_stack
+from algorithm.model.checkpoint import read_checkpoint_info
 from algorithm.model.fetalclipseg import build_model
 from algorithm.network import load_network
 from algorithm.predict import decide
 from algorithm.search import FrameSearch
-from training.cli import CommandParser, MissingInput, existing_folder, number, run_command
+from training.cli import CommandParser, MissingInput, UsageError, existing_folder, number, run_command
 from training.data import layout
 from training.scoring.report_plots import plt, save_figure
 from training.scoring.evaluate import list_ground_truth_cases, read_reference_acs
@@ -84,6 +90,12 @@ def variant_config(inference: InferenceConfig, name: str) -> InferenceConfig:
     return dataclasses.replace(inference, **{**LEVERS_OFF, **VARIANTS[name]})
 
 
+def network_passes(network) -> tuple[int, int]:
+    """(encoder passes, decoder passes) per frame: 1 and 1, or an ensemble's."""
+    members = len(getattr(network, "members", [network]))
+    return getattr(network, "encoder_passes", 1), members
+
+
 def score_case(weights_label: str, uuid: str, stack: np.ndarray, labels: np.ndarray,
                reference: list[float | None], network, search: FrameSearch) -> list[dict[str, Any]]:
     """Every variant's record for one case: one search, one flip pass, the decisions on their scores."""
@@ -96,6 +108,7 @@ def score_case(weights_label: str, uuid: str, stack: np.ndarray, labels: np.ndar
     started = time.process_time()
     augmented = search.augment(stack, network, flipped)
     flip_cpu = time.process_time() - started
+    encoder_passes, decoder_passes = network_passes(network)
     records = []
     for name, changes in VARIANTS.items():
         tta = changes.get("tta") == "flip"
@@ -112,6 +125,7 @@ def score_case(weights_label: str, uuid: str, stack: np.ndarray, labels: np.ndar
             "frames_encoded": found.frames_encoded + (augmented if tta else 0),
             "frames_decoded": int(found.scores.decoded.sum()) + (augmented if tta else 0),
             "cpu_seconds": search_cpu + (flip_cpu if tta else 0.0) + decide_cpu,
+            "encoder_passes": encoder_passes, "decoder_passes": decoder_passes,
         })
     return records
 
@@ -120,7 +134,8 @@ def run_study(weights: Sequence[Path], data: Path, out: Path, device: str = "cpu
               progress: bool = True, shard: tuple[int, int] = (1, 1)) -> list[dict[str, Any]]:
     """Score every variant on every case for every weights file, appending to out/levers.jsonl. `shard`
     (i, n) takes every n-th case from the i-th: n processes, each with its own `out`, share a machine's cores
-    (their journals concatenated are one study)."""
+    (their journals concatenated are one study). Ensembles are weights like any other here; `summarise` is
+    told which they are."""
     out.mkdir(parents=True, exist_ok=True)
     records = read_journal(out, weights)
     done = {(r["weights"], r["case"]) for r in records}
@@ -173,6 +188,15 @@ def read_journal(out: Path, weights: Sequence[Path]) -> list[dict[str, Any]]:
     return [r for r in records if r["weights"] in labels]
 
 
+def full_size_model(weights: Sequence[Path]) -> ModelConfig:
+    """The model whose FLOP are counted: FetalCLIP's ViT-L/14 with the decoder the weights have."""
+    decoders = sorted({read_checkpoint_info(path).config.decoder for path in weights})
+    if len(decoders) != 1:
+        raise UsageError(f"the --weights have different decoders ({', '.join(decoders)}); FLOP are counted for "
+                         "one architecture: study them apart, or pass --no-flops")
+    return dataclasses.replace(Config().model, decoder=decoders[0])
+
+
 def per_frame_gflop(config: ModelConfig) -> dict[str, float]:
     """GFLOP of one frame through the encoder and through the decoder of a randomly initialised model."""
     model = build_model(dataclasses.replace(config, use_lora=False)).eval()
@@ -180,21 +204,36 @@ def per_frame_gflop(config: ModelConfig) -> dict[str, float]:
         return count_flops(model, config, torch.device("cpu"))
 
 
-def summarise(records: Sequence[dict[str, Any]], gflop: dict[str, float] | None = None) -> dict[str, Any]:
-    """Per variant: means, paired differences against the baseline with bootstrap intervals, and cost."""
-    weights = sorted({r["weights"] for r in records})
+def summarise(records: Sequence[dict[str, Any]], gflop: dict[str, float] | None = None,
+              ensembles: Sequence[str] = ()) -> dict[str, Any]:
+    """Per variant: means, paired differences against the baseline with bootstrap intervals, and cost.
+
+    `ensembles`: the labels of ensemble weights; each adds the rows "ensemble LABEL" (against the mean of
+    the single weights, levers off) and "ensemble LABEL, tta flip" (against their flip)."""
+    weights = sorted({r["weights"] for r in records} - set(ensembles))
     cases = sorted({r["case"] for r in records if r["variant"] == "baseline"})
     table = {(r["weights"], r["case"], r["variant"]): r for r in records}
-    complete = [c for c in cases if all((w, c, v) in table for w in weights for v in VARIANTS)]
-    summary: dict[str, Any] = {"weights": weights, "cases": len(complete), "variants": {}}
-    for name in VARIANTS:
-        rows = [[table[(w, c, name)] for w in weights] for c in complete]
-        base = [[table[(w, c, "baseline")] for w in weights] for c in complete]
-        entry: dict[str, Any] = {"settings": {**LEVERS_OFF, **VARIANTS[name]}}
+    complete = [c for c in cases if all((w, c, v) in table for w in [*weights, *ensembles] for v in VARIANTS)]
+    summary: dict[str, Any] = {"weights": weights, "ensembles": list(ensembles), "cases": len(complete),
+                               "variants": {}}
+
+    def rows_of(labels: Sequence[str], variant: str) -> list[list[dict[str, Any]]]:
+        return [[table[(w, c, variant)] for w in labels] for c in complete]
+
+    rows_to_compare = {name: (weights, name, "baseline" if name != "baseline" else None) for name in VARIANTS}
+    for label in ensembles:
+        rows_to_compare[f"ensemble {label}"] = ([label], "baseline", "baseline")
+        rows_to_compare[f"ensemble {label}, tta flip"] = ([label], "tta flip", "tta flip")
+    for name, (labels, variant, against) in rows_to_compare.items():
+        rows = rows_of(labels, variant)
+        entry: dict[str, Any] = {"settings": {**LEVERS_OFF, **VARIANTS[variant]}}
+        if labels != weights:
+            entry["ensemble"] = labels[0]
         for metric in METRICS:
             per_case = np.array([np.mean([r[metric] for r in row]) for row in rows])
             entry[metric] = float(per_case.mean()) if len(per_case) else None
-            if name != "baseline":
+            if against is not None:
+                base = rows_of(weights, against)
                 diff = per_case - np.array([np.mean([r[metric] for r in row]) for row in base])
                 low, high = bootstrap_interval(diff)
                 entry[f"{metric}_difference"] = {"mean": float(diff.mean()), "low": low, "high": high,
@@ -204,16 +243,22 @@ def summarise(records: Sequence[dict[str, Any]], gflop: dict[str, float] | None 
         encoded = float(np.mean([r["frames_encoded"] for r in flat]))
         decoded = float(np.mean([r["frames_decoded"] for r in flat]))
         entry.update(frames_encoded=encoded, frames_decoded=decoded,
-                     cpu_seconds=float(np.mean([r["cpu_seconds"] for r in flat])))
+                     cpu_seconds=float(np.mean([r["cpu_seconds"] for r in flat])),
+                     encoder_passes=int(flat[0].get("encoder_passes", 1)) if flat else 1,
+                     decoder_passes=int(flat[0].get("decoder_passes", 1)) if flat else 1)
         if gflop:
-            total = encoded * gflop["encoder_gflop"] + decoded * gflop["decoder_gflop"]
+            total = (encoded * entry["encoder_passes"] * gflop["encoder_gflop"]
+                     + decoded * entry["decoder_passes"] * gflop["decoder_gflop"])
             entry["vit_l_gflop"] = total
             entry["t4_seconds_estimate"] = total / (GPU_PEAK_TFLOPS["T4"] * 1e3 * ASSUMED_T4_FRACTION)
         summary["variants"][name] = entry
     verdicts = {}
     for name, entry in summary["variants"].items():
         if name != "baseline":
-            verdicts[name] = "default" if entry["score_difference"]["low"] > 0 else "option"
+            better = entry["score_difference"]["low"] > 0
+            # an ensemble is a choice of exported weights, not an algorithm default
+            verdicts[name] = ("export it" if better else "option") if "ensemble" in entry else \
+                ("default" if better else "option")
     summary["verdicts"] = verdicts
     return summary
 
@@ -222,8 +267,12 @@ def markdown(summary: dict[str, Any]) -> str:
     def interval(d: dict[str, float]) -> str:
         return f"{d['mean']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}]"
 
+    ensembles = summary.get("ensembles") or []
+    of_ensembles = (f"; an ensemble's rows are against the mean of the single weights with the same levers "
+                    f"(ensembles: {', '.join(ensembles)})" if ensembles else "")
     lines = [f"{summary['cases']} whole test cases, weights {', '.join(summary['weights'])}; differences against "
-             "the baseline are per case (mean over the weights), with 95 % bootstrap intervals over cases.\n",
+             "the baseline are per case (mean over the weights), with 95 % bootstrap intervals over cases"
+             f"{of_ensembles}.\n",
              "| variant | score | Δ score [95 % CI] | higher / lower | Δ WFSS | Δ DSC_soft | Δ NAE_AC (challenge) "
              "| Δ NAE of the reported AC | frames encoded / decoded | CPU s per case (this config) "
              "| ViT-L GFLOP per case | T4 s per case (ESTIMATE) |", "|" + "---|" * 12]
@@ -237,9 +286,13 @@ def markdown(summary: dict[str, Any]) -> str:
                       f"| {interval(e['reported_nae_difference'])}")
         gflop = f"{e['vit_l_gflop']:,.0f}" if "vit_l_gflop" in e else "–"
         t4 = f"{e['t4_seconds_estimate']:.1f}" if "t4_seconds_estimate" in e else "–"
-        lines.append(f"| {name} | {e['score']:.4f} | {deltas} | {e['frames_encoded']:.0f} / {e['frames_decoded']:.0f} "
+        passes = (f" (x{e['encoder_passes']} / x{e['decoder_passes']} passes)"
+                  if (e.get("encoder_passes", 1), e.get("decoder_passes", 1)) != (1, 1) else "")
+        lines.append(f"| {name} | {e['score']:.4f} | {deltas} | {e['frames_encoded']:.0f} / {e['frames_decoded']:.0f}{passes} "
                      f"| {e['cpu_seconds']:.1f} | {gflop} | {t4} |")
-    lines.append(f"\nT4 seconds: the ViT-L GFLOP at {ASSUMED_T4_FRACTION:.0%} of a T4's nominal "
+    counted = summary.get("gflop_per_frame_vit_l") or {}
+    architecture = f" (ViT-L/14 with the weights' {counted['decoder']} decoder)" if "decoder" in counted else ""
+    lines.append(f"\nT4 seconds: the ViT-L GFLOP{architecture} at {ASSUMED_T4_FRACTION:.0%} of a T4's nominal "
                  f"{GPU_PEAK_TFLOPS['T4']:.0f} TFLOP/s fp16 (an assumed fraction: no GPU check has measured one). "
                  "A variant becomes a default only where its score interval's lower bound is above zero: "
                  + ", ".join(f"{n}: {v}" for n, v in summary["verdicts"].items()) + ".")
@@ -262,10 +315,14 @@ def plot(summary: dict[str, Any], path: Path) -> Path:
              title=f"{summary['cases']} whole cases; weights: {', '.join(summary['weights'])}")
     left.grid(alpha=0.3, axis="x")
     base = summary["variants"]["baseline"]
-    extra = [summary["variants"][n]["frames_encoded"] + summary["variants"][n]["frames_decoded"]
-             - base["frames_encoded"] - base["frames_decoded"] for n in names]
+
+    def passes(entry: dict[str, Any]) -> float:
+        return (entry["frames_encoded"] * entry.get("encoder_passes", 1)
+                + entry["frames_decoded"] * entry.get("decoder_passes", 1))
+
+    extra = [passes(summary["variants"][n]) - passes(base) for n in names]
     right.barh(y, extra, color="0.6")
-    right.set(xlabel="extra frame passes per case\n(encoder + decoder)", title="cost")
+    right.set(xlabel="extra network passes per case\n(encoder + decoder, per member)", title="cost")
     right.grid(alpha=0.3, axis="x")
     return save_figure(fig, path)
 
@@ -274,6 +331,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = CommandParser(prog="python -m training levers", description=__doc__.splitlines()[0])
     parser.add_argument("--weights", type=Path, nargs="+", required=True,
                         help="one checkpoint per training seed (.safetensors)")
+    parser.add_argument("--ensemble", type=Path, nargs="+", default=[],
+                        help="ensemble checkpoints of the --weights (python -m training ensemble), each compared "
+                             "with the mean of the single weights (default: none)")
     parser.add_argument("--data", type=existing_folder, required=True,
                         help="test cases in the release layout (images, masks, circumferences.csv)")
     parser.add_argument("--out", type=Path, required=True,
@@ -293,17 +353,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def run() -> int:
-        for path in args.weights:
+        every = [*args.weights, *args.ensemble]
+        for path in every:
             if not path.is_file():
-                raise MissingInput(f"--weights {path}: no such file")
+                raise MissingInput(f"--weights/--ensemble {path}: no such file")
         if args.threads:
             torch.set_num_threads(args.threads)
-        records = read_journal(args.out, args.weights) if args.summary_only else \
-            run_study(args.weights, args.data, args.out, args.device, args.limit, not args.no_progress, args.shard)
+        records = read_journal(args.out, every) if args.summary_only else \
+            run_study(every, args.data, args.out, args.device, args.limit, not args.no_progress, args.shard)
         if not records:
             raise MissingInput(f"no records for these weights in {args.out / JOURNAL}")
-        gflop = None if args.no_flops else per_frame_gflop(Config().model)
-        summary = summarise(records, gflop)
+        gflop = None
+        if not args.no_flops:
+            model = full_size_model(args.weights)
+            gflop = {**per_frame_gflop(model), "decoder": model.decoder}
+        labels = weights_labels(every)
+        summary = summarise(records, gflop, ensembles=[labels[str(path)] for path in args.ensemble])
         summary["gflop_per_frame_vit_l"] = gflop
         (args.out / "levers.json").write_text(json.dumps(summary, indent=2) + "\n")
         text = markdown(summary)
