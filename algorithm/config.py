@@ -39,6 +39,10 @@ MASK_OUTPUTS = ("mask", "ellipse")
 CHECKPOINT_INFERENCE_CHOICES: dict[str, tuple[str, ...]] = {"tta": TTA_MODES, "selection": SELECTION_RULES,
                                                              "ac_fit": AC_FITS, "mask_output": MASK_OUTPUTS}
 
+# What fills the network's three input channels (ModelConfig.input_frames): the frame's grey three times,
+# or the frame and its neighbours in the sweep.
+INPUT_FRAMES = ("single", "temporal")
+
 # Frame-quality classes of the frame head and of the ground-truth labels (mask value 1 = optimal,
 # 2 = suboptimal in the public release; the head orders them by quality instead).
 FRAME_NONE, FRAME_SUBOPTIMAL, FRAME_OPTIMAL = 0, 1, 2
@@ -82,6 +86,10 @@ class ModelConfig:
     # The published FetalCLIPSEG code runs the encoder under torch.no_grad(), so its LoRA never trains.
     # True reproduces that (training mode `paper`); our weights use False.
     encoder_no_grad: bool = False
+    # What fills the three input channels: "single" (the frame's grey in all three, the paper's) or
+    # "temporal" (frames t-1, t, t+1 of its sweep; at a sweep's border the frame itself stands in). The
+    # encoder's shape is the same either way. algorithm.preprocess.input_rows picks the frames.
+    input_frames: str = "single"
 
     @classmethod
     def small(cls) -> "ModelConfig":

@@ -93,7 +93,9 @@ class Network:
     # ------------------------------------------------------------------------------------------ the seam
 
     def preprocess(self, frames: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """(N, H, W) uint8 frames (host memory, pinned on CUDA) -> (N, 3, s, s) network input on the device."""
+        """(N, H, W) uint8 frames, or (N, 3, H, W) triplets for a temporal input (the search reads the rows
+        `algorithm.preprocess.input_rows` names; host memory, pinned on CUDA) -> (N, 3, s, s) network input on
+        the device."""
         inputs = preprocess_frames(frames, self.config.model.image_size, device=self.device)
         if self.device.type == "cuda":
             inputs = inputs.contiguous(memory_format=torch.channels_last)
@@ -261,7 +263,8 @@ def load_network(weights: Path, config_overrides: dict | None = None) -> tuple[N
     config = Config(model=info.config).replace(**info.inference_defaults).replace(**(config_overrides or {}))
     members = [Network(model, config, choice.device, device_warning=choice.fallback) for model in models]
     network = members[0] if len(members) == 1 else EnsembleNetwork(members, info.ensemble.shared_encoder)
-    described = {"weights": str(weights), "provenance": info.provenance, "version": info.version}
+    described = {"weights": str(weights), "provenance": info.provenance, "version": info.version,
+                 "input_frames": info.config.input_frames}
     if info.ensemble:
         described["ensemble"] = {"members": info.members, "shared_encoder": info.ensemble.shared_encoder}
     if info.inference_defaults:

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import CLIP_MEAN, CLIP_STD
+from .select import sweep_bounds
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,7 @@ def pad_to_square(frames: torch.Tensor) -> torch.Tensor:
 
 
 def resize_frames(frames: torch.Tensor, size: int) -> torch.Tensor:
-    """Bicubic, antialiased resize of (N, 1, H, W) grey levels in [0, 255], clamped back to that range.
+    """Bicubic, antialiased resize of (N, C, H, W) grey levels in [0, 255], clamped back to that range.
 
     Antialiasing makes the 744 -> 224 reduction behave like PIL's bicubic resize (what CLIP pipelines use)
     instead of sampling every third pixel of the speckle.
@@ -58,22 +59,44 @@ def resize_frames(frames: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def normalise(grey: torch.Tensor) -> torch.Tensor:
-    """(N, 1, S, S) grey levels in [0, 255] -> (N, 3, S, S) CLIP-normalised RGB."""
+    """(N, 1, S, S) grey levels (or (N, 3, S, S), a grey frame per channel) in [0, 255] -> (N, 3, S, S)
+    CLIP-normalised RGB."""
     mean = torch.tensor(CLIP_MEAN, dtype=grey.dtype, device=grey.device).view(1, 3, 1, 1)
     std = torch.tensor(CLIP_STD, dtype=grey.dtype, device=grey.device).view(1, 3, 1, 1)
     return (grey.expand(-1, 3, -1, -1) / 255.0 - mean) / std
 
 
+def input_rows(frames: np.ndarray, n_frames: int, sweeps: int, input_frames: str = "single") -> np.ndarray:
+    """The stack rows that make the network input of each of `frames` (frame numbers of an `n_frames` stack
+    of `sweeps` sweeps): the frames themselves (N,) for "single"; (N, 3) rows t-1, t, t+1 for "temporal",
+    a neighbour outside t's sweep replaced by t (the sweeps are separate acquisitions)."""
+    frames = np.asarray(frames, dtype=np.int64)
+    if input_frames == "single":
+        return frames
+    if input_frames != "temporal":
+        raise ValueError(f"input_frames must be single or temporal, got {input_frames!r}")
+    bounds = sweep_bounds(n_frames, sweeps)
+    first = np.concatenate([np.full(stop - start, start) for start, stop in bounds])
+    last = np.concatenate([np.full(stop - start, stop - 1) for start, stop in bounds])
+    before = np.where(frames - 1 >= first[frames], frames - 1, frames)
+    after = np.where(frames + 1 <= last[frames], frames + 1, frames)
+    return np.stack([before, frames, after], axis=1)
+
+
 def preprocess_frames(frames: np.ndarray | torch.Tensor, image_size: int = 224,
                       device: torch.device | str | None = None) -> torch.Tensor:
-    """(N, H, W) uint8 frames -> (N, 3, image_size, image_size) float32 network input on `device`.
+    """(N, H, W) uint8 frames, or (N, 3, H, W) frame triplets (`input_rows`' "temporal") -> (N, 3,
+    image_size, image_size) float32 network input on `device`: a frame's grey fills all three channels, a
+    triplet's frames one channel each.
 
     The uint8 frames travel to the device first (4x less to copy than float) and are converted there.
     """
     tensor = torch.as_tensor(frames)
-    if tensor.ndim != 3:
-        raise ValueError(f"expected (N, H, W) frames, got shape {tuple(tensor.shape)}")
-    tensor = tensor.to(device=device, non_blocking=True).unsqueeze(1).float()
+    if tensor.ndim == 3:
+        tensor = tensor.unsqueeze(1)
+    elif tensor.ndim != 4 or tensor.shape[1] != 3:
+        raise ValueError(f"expected (N, H, W) frames or (N, 3, H, W) triplets, got shape {tuple(tensor.shape)}")
+    tensor = tensor.to(device=device, non_blocking=True).float()
     return normalise(resize_frames(pad_to_square(tensor), image_size))
 
 

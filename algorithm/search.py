@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from .config import FRAME_OPTIMAL, FRAME_SUBOPTIMAL, InferenceConfig
+from .preprocess import input_rows
 from .progress import SearchProgress
 from .runtime import StageTimer
 from .select import evidence, frame_tiers, nan_moving_average, sweep_bounds
@@ -148,12 +149,13 @@ class _BatchLoader:
     with the network on the main thread.
     """
 
-    def __init__(self, stack: np.ndarray, batches: Sequence[np.ndarray], pin: bool, prefetch: bool):
-        self.stack, self.batches, self.pin = stack, list(batches), pin
+    def __init__(self, stack: np.ndarray, batches: Sequence[np.ndarray], rows: Callable[[np.ndarray], np.ndarray],
+                 pin: bool, prefetch: bool):
+        self.stack, self.batches, self.rows, self.pin = stack, list(batches), rows, pin
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batch-loader") if prefetch else None
 
     def _load(self, chunk: np.ndarray) -> torch.Tensor:
-        frames = torch.from_numpy(np.ascontiguousarray(self.stack[chunk]))
+        frames = torch.from_numpy(np.ascontiguousarray(self.stack[self.rows(chunk)]))
         return frames.pin_memory() if self.pin else frames
 
     def __iter__(self) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
@@ -200,6 +202,11 @@ class FrameSearch:
 
     def describe(self) -> dict:
         return {"coarse_stride": self.coarse_stride, "lazy_decoder": self.lazy_decoder, "tta": self.tta}
+
+    def input_rows(self, stack: np.ndarray, network: "Network") -> Callable[[np.ndarray], np.ndarray]:
+        """frame numbers -> the stack rows the network's input is made of (the frames, or their triplets)."""
+        input_frames = network.config.model.input_frames
+        return lambda frames: input_rows(frames, len(stack), self.config.sweeps, input_frames)
 
     def frames_to_encode(self, stack: np.ndarray) -> np.ndarray:
         """Every frame except probe lift-off."""
@@ -249,8 +256,8 @@ class FrameSearch:
         timer = timer or StageTimer(network.device)
         size = network.batch_size
         chunks = [indices[i:i + size] for i in range(0, len(indices), size)]
-        loader = _BatchLoader(stack, chunks, pin=network.device.type == "cuda",
-                             prefetch=self.config.prefetch and len(chunks) > 1)
+        loader = _BatchLoader(stack, chunks, self.input_rows(stack, network), pin=network.device.type == "cuda",
+                              prefetch=self.config.prefetch and len(chunks) > 1)
         encoded: Encoded = []  # frame-head results not yet on the host
         decoded: Decoded = []  # decoder results, likewise
         pending: dict[int, _Pending] = {}
@@ -355,9 +362,10 @@ class FrameSearch:
                       ) -> Iterator[tuple[np.ndarray, torch.Tensor, torch.Tensor, torch.Tensor]]:
         """Encoder and decoder on `frames` (their mirror images with `mirrored`), batch by batch: per batch the
         frames, frame-head probabilities, abdomen maps and mask fractions, on the device."""
+        rows = self.input_rows(stack, network)
         for start in range(0, len(frames), network.batch_size):
             chunk = frames[start:start + network.batch_size]
-            pixels = stack[chunk][..., ::-1] if mirrored else stack[chunk]
+            pixels = stack[rows(chunk)][..., ::-1] if mirrored else stack[rows(chunk)]
             with timer.device_span("preprocess"):
                 inputs = network.preprocess(torch.from_numpy(np.ascontiguousarray(pixels)))
             with timer.device_span("encode"):

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from algorithm.config import INPUT_FRAMES
 from algorithm.runtime import PRECISIONS, DeviceError, choose_precision, resolve_device
 from training.cli import CommandParser, UsageError, existing_file, number
 from training.data.dataset import prepared_folder
@@ -157,6 +158,9 @@ def add_recipe_arguments(groups: dict[str, Any]) -> None:
                             "start without one of the two (default: neither)")
     model.add_argument("--train-encoder", action="store_true", help="mode fixed: train every encoder weight, no LoRA")
     model.add_argument("--decoder", choices=["unetr", "separable"], help="mode fixed: its decoder (default: unetr)")
+    model.add_argument("--input-frames", choices=list(INPUT_FRAMES), default="single",
+                       help="the three input channels: the frame's grey three times (the paper's), or frames t-1, "
+                            "t, t+1 of its sweep (temporal; at a sweep's border the frame itself)")
     model.add_argument("--lora-rank", type=POSITIVE, default=8, help="LoRA rank")
     model.add_argument("--lora-alpha", type=POSITIVE, help="LoRA alpha (default: 2 x rank, 16 at rank 8: the paper's)")
     model.add_argument("--pretrained",
@@ -264,7 +268,7 @@ def recipe_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """The TrainConfig fields `add_recipe_arguments` declares."""
     fetalclip = None if args.fetalclip == NO_FETALCLIP else args.fetalclip
     return dict(config=args.config, fetalclip=fetalclip, train_encoder=args.train_encoder,
-                decoder=args.decoder, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
+                decoder=args.decoder, input_frames=args.input_frames, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
                 augment_copies=args.augment_copies, device=args.device, precision=args.precision,
                 accumulate=args.accumulate, grad_checkpointing=args.grad_checkpointing,
                 memory_budget_gib=args.memory_budget_gib, trials=args.trials, mask_ce_weight=args.mask_ce_weight,

@@ -22,7 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from algorithm import __version__
-from algorithm.config import CHECKPOINT_INFERENCE_CHOICES, CLIP_MEAN, CLIP_STD, ModelConfig
+from algorithm.config import CHECKPOINT_INFERENCE_CHOICES, CLIP_MEAN, CLIP_STD, INPUT_FRAMES, ModelConfig
 from algorithm.errors import WeightsError
 from algorithm.model.fetalclipseg import FetalCLIPSeg, build_model
 
@@ -44,7 +44,8 @@ INT_RANGES: dict[str, tuple[int, int]] = {
 FLOAT_RANGES: dict[str, tuple[float, float]] = {"mlp_ratio": (0.25, 16.0), "lora_dropout": (0.0, 0.9)}
 BOOL_FIELDS = ("use_lora", "encoder_no_grad")
 CHOICES: dict[str, tuple[str, ...]] = {"decoder": ("unetr", "separable", "none"),
-                                       "frame_head": ("norm-linear", "linear")}
+                                       "frame_head": ("norm-linear", "linear"),
+                                       "input_frames": INPUT_FRAMES}
 FRAME_CLASSES = (1, 3)
 SKIP_LAYER_COUNT = 4
 MAX_NAME_LENGTH = 200

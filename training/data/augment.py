@@ -40,7 +40,9 @@ class AugmentConfig:
 
 
 class FrameAugment:
-    """Callable (grey uint8 (S, S), mask uint8 (S, S)) -> the same, transformed together."""
+    """Callable (grey uint8 (S, S), mask uint8 (S, S)) -> the same, transformed together. A temporal
+    triplet (3, S, S) (frames t-1, t, t+1) gets one draw for all three frames, each transformed as a grey
+    frame (CLAHE on an RGB image would mix the frames)."""
 
     def __init__(self, config: AugmentConfig = AugmentConfig(), seed: int | None = None):
         self.config = config
@@ -54,14 +56,18 @@ class FrameAugment:
                      rotate=(-c.rotate_deg, c.rotate_deg), interpolation=cv2.INTER_LINEAR,
                      mask_interpolation=cv2.INTER_NEAREST, border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=0,
                      p=c.affine_p),
-        ], seed=seed)
+        ], seed=seed, additional_targets={"previous": "image", "following": "image"})
 
     def set_seed(self, seed: int) -> None:
         self.compose.set_random_seed(int(seed) % (2**32))
 
     def __call__(self, grey: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        out = self.compose(image=np.ascontiguousarray(grey), mask=np.ascontiguousarray(mask))
-        return out["image"], out["mask"]
+        if grey.ndim == 2:
+            out = self.compose(image=np.ascontiguousarray(grey), mask=np.ascontiguousarray(mask))
+            return out["image"], out["mask"]
+        out = self.compose(image=np.ascontiguousarray(grey[1]), previous=np.ascontiguousarray(grey[0]),
+                           following=np.ascontiguousarray(grey[2]), mask=np.ascontiguousarray(mask))
+        return np.stack([out["previous"], out["image"], out["following"]]), out["mask"]
 
 
 def build_augment(enabled: bool = True, seed: int | None = None,

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from algorithm.config import FRAME_NONE, FRAME_OPTIMAL, FRAME_SUBOPTIMAL
+from algorithm.config import FRAME_NONE, FRAME_OPTIMAL, FRAME_SUBOPTIMAL, INPUT_FRAMES
 from algorithm.preprocess import normalise
 from training.cli import MissingInput, existing_folder
 
@@ -45,6 +45,21 @@ def frame_labels(masks: np.ndarray) -> np.ndarray:
     optimal = (flat == MASK_OPTIMAL).any(axis=1)
     suboptimal = (flat == MASK_SUBOPTIMAL).any(axis=1)
     return np.where(optimal, FRAME_OPTIMAL, np.where(suboptimal, FRAME_SUBOPTIMAL, FRAME_NONE)).astype(np.int8)
+
+
+def temporal_rows(index: np.ndarray) -> np.ndarray:
+    """(N, 3) rows of a prepared split holding frames t-1, t, t+1 of each row's sweep, as
+    `algorithm.preprocess.input_rows` picks them in a stack: the row itself where the neighbour lies outside
+    the sweep (prepare writes a sweep's frames in order, so a neighbour is the next row or none)."""
+    index = np.asarray(index, dtype=np.int64)
+    rows = np.arange(len(index))
+
+    def neighbour(step: int) -> np.ndarray:
+        other = np.clip(rows + step, 0, max(len(index) - 1, 0))
+        same_sweep = (index[other, 0] == index[:, 0]) & (index[other, 2] == index[:, 2])
+        return np.where(same_sweep & (index[other, 1] == index[:, 1] + step), other, rows)
+
+    return np.stack([neighbour(-1), rows, neighbour(1)], axis=1)
 
 
 def read_manifest(prepared: Path) -> dict:
@@ -88,15 +103,17 @@ class SplitArrays:
         return np.asarray(self.labels) != FRAME_NONE
 
 
-def to_network_input(grey: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """(H, W) or (N, H, W) uint8 grey at network size -> (3, H, W) / (N, 3, H, W) CLIP-normalised float."""
+def to_network_input(grey: np.ndarray | torch.Tensor, temporal: bool = False) -> torch.Tensor:
+    """(H, W) or (N, H, W) uint8 grey at network size -> (3, H, W) / (N, 3, H, W) CLIP-normalised float;
+    with `temporal` (3, H, W) or (N, 3, H, W) triplets, a frame per channel."""
     array = np.asarray(grey)
     if not array.flags.writeable:  # memmap rows are read-only; torch wants to own writable memory
         array = array.copy()
     tensor = torch.as_tensor(np.ascontiguousarray(array)).float()
-    single = tensor.ndim == 2
-    batch = tensor[None, None] if single else tensor[:, None]
-    out = normalise(batch)
+    single = tensor.ndim == (3 if temporal else 2)
+    if single:
+        tensor = tensor[None]
+    out = normalise(tensor if temporal else tensor[:, None])  # a grey frame: one channel, repeated
     return out[0] if single else out
 
 
@@ -110,11 +127,19 @@ class FrameDataset(Dataset):
     `copies` > 0 is the paper's offline augmentation, drawn online: the dataset holds every frame once as it
     is and `copies` more times augmented (items 0..N-1 plain, N.. augmented), so an epoch has the size and
     the plain/augmented mix of the published x2 set. `copies` 0: every item augmented (when `augment`).
+
+    `input_frames` "temporal" (ModelConfig.input_frames) makes each image frames t-1, t, t+1 of its sweep,
+    one per channel (`temporal_rows`); the mask and the label are frame t's.
     """
 
-    def __init__(self, prepared: Path, split: str, augment: Augment | None = None, copies: int = 0):
+    def __init__(self, prepared: Path, split: str, augment: Augment | None = None, copies: int = 0,
+                 input_frames: str = "single"):
+        if input_frames not in INPUT_FRAMES:
+            raise ValueError(f"input_frames must be one of {INPUT_FRAMES}, got {input_frames!r}")
         self.prepared = Path(prepared)
         self.split = split
+        self.temporal = input_frames == "temporal"
+        self.rows = temporal_rows(np.load(self.prepared / split / "index.npy")) if self.temporal else None
         self.augment = augment
         self.copies = copies if augment is not None else 0
         self._arrays: SplitArrays | None = None
@@ -136,12 +161,12 @@ class FrameDataset(Dataset):
         """Frame `key`; a key (frame, decode) (training.run.train.MixedBatches) adds the decode flag."""
         k, decode = (key, None) if not isinstance(key, tuple) else key
         i = k % len(self.frame_labels)
-        grey = np.asarray(self.arrays.images[i])
+        grey = np.asarray(self.arrays.images[self.rows[i] if self.temporal else i])
         mask = np.asarray(self.arrays.masks[i])
         if self.augment is not None and (self.copies == 0 or k >= len(self.frame_labels)):
             grey, mask = self.augment(grey, mask)
         abdomen = torch.from_numpy((mask != 0).astype(np.int64))
-        sample = (to_network_input(grey), abdomen, torch.tensor(self.frame_labels[i], dtype=torch.int64))
+        sample = (to_network_input(grey, self.temporal), abdomen, torch.tensor(self.frame_labels[i], dtype=torch.int64))
         return sample if decode is None else sample + (torch.tensor(bool(decode)),)
 
     def __getstate__(self) -> dict:

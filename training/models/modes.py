@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from algorithm.config import ModelConfig
+from algorithm.config import INPUT_FRAMES, ModelConfig
 from training.cli import UsageError
 
 log = logging.getLogger("training")
@@ -105,6 +105,7 @@ class ModelOptions:
     fetalclip: Path | None = None  # published FetalCLIP weights (whole-CLIP checkpoint); None: random encoder
     train_encoder: bool = False  # fixed only: all encoder weights trainable, no LoRA
     decoder: str | None = None  # fixed only: unetr | separable (None: FIXED_DECODER)
+    input_frames: str = "single"  # single | temporal (ModelConfig.input_frames): FetalCLIP modes
     lora_rank: int = 8
     lora_alpha: int | None = None  # None: 2 x rank (16 at rank 8, the paper's)
     backbone: str | None = None  # baseline: a name of baselines.BASELINES, timm, or open_clip:ARCH[@TAG]
@@ -128,6 +129,10 @@ class ModelOptions:
             raise UsageError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.config not in ("full", "small"):
             raise UsageError(f"config must be full or small, got {self.config!r}")
+        if self.input_frames not in INPUT_FRAMES:
+            raise UsageError(f"input frames must be one of {INPUT_FRAMES}, got {self.input_frames!r}")
+        if self.mode == "baseline" and self.input_frames != "single":
+            raise UsageError("--input-frames temporal applies to the FetalCLIP modes, not to mode baseline")
         if self.mode == "baseline" and not self.backbone:
             raise UsageError("mode baseline needs a backbone (--backbone: a name of training.models.baselines."
                              "BASELINES or timm)")
@@ -141,6 +146,7 @@ def model_config_for(options: ModelOptions) -> ModelConfig:
     """
     mode = options.mode
     base = ModelConfig.small() if options.config == "small" else ModelConfig()
+    base = dataclasses.replace(base, input_frames=options.input_frames)
     lora = dict(lora_rank=options.lora_rank, lora_alpha=options.alpha)
     if mode == "fixed":
         return dataclasses.replace(base, **lora, use_lora=not options.train_encoder, lora_targets=FIXED_LORA_TARGETS,

@@ -186,8 +186,9 @@ class Trainer:
         workers = cfg.workers if cfg.workers is not None else (6 if self.ctx.device.type == "cuda" else 0)
         self.workers = workers
         self.augment = build_augment(cfg.augment, seed=self.seed)
-        self.train_set = FrameDataset(cfg.prepared, "train", self.augment, copies=cfg.augment_copies)
-        self.val_set = FrameDataset(cfg.prepared, "val")
+        self.train_set = FrameDataset(cfg.prepared, "train", self.augment, copies=cfg.augment_copies,
+                                      input_frames=cfg.input_frames)
+        self.val_set = FrameDataset(cfg.prepared, "val", input_frames=cfg.input_frames)
         if len(self.train_set) == 0:
             raise UsageError(f"{cfg.prepared}: the train split is empty")
         counts = np.bincount(self.train_set.frame_labels, minlength=3)
@@ -411,7 +412,8 @@ class Trainer:
         started = time.perf_counter()
         rng = np.random.default_rng([self.seed, epoch, 6151])
         pool = mining_pool(self.train_set.labels, cfg.hard_negative_pool, rng)
-        plain = FrameDataset(cfg.prepared, "train")  # unaugmented: score what the frame looks like
+        # unaugmented: score what the frame looks like
+        plain = FrameDataset(cfg.prepared, "train", input_frames=cfg.input_frames)
         loader = frame_loader(plain, pool, cfg.eval_batch_size or self.micro_batch, self.workers)
         p_abdomen = score_negatives(self.model, loader, self.ctx.device,
                                     lambda: autocast(self.ctx.device, self.precision))
@@ -433,7 +435,8 @@ class Trainer:
     def evaluate(self, split: str, indices: np.ndarray | None = None, keep_frames: bool = False) -> FrameStats:
         """Loss terms and confusion counts on a split (sharded over ranks, summed); with `keep_frames`
         rank 0 also holds every frame's record (`self.frames[split]`)."""
-        dataset = self.val_set if split == "val" else FrameDataset(self.cfg.prepared, split)
+        dataset = self.val_set if split == "val" else \
+            FrameDataset(self.cfg.prepared, split, input_frames=self.cfg.input_frames)
         batch = self.cfg.eval_batch_size or self.micro_batch
         loader = frame_loader(dataset, indices, batch, self.workers, self.ctx.rank, self.ctx.world)
         self.view.eval()

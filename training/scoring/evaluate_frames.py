@@ -251,7 +251,7 @@ def evaluate_weights(weights: Path, prepared: Path, split: str = "test", device:
     """Load a checkpoint in algorithm's format and score it on a prepared split."""
     dev = resolve_device(device)
     model, info = load_checkpoint(weights, device=dev)
-    dataset = FrameDataset(prepared, split)
+    dataset = FrameDataset(prepared, split, input_frames=model.config.input_frames)
     loader = frame_loader(dataset, None, batch_size, workers)
 
     def forward(images: torch.Tensor):

@@ -1,0 +1,175 @@
+"""The temporal input (ModelConfig.input_frames "temporal"): frames t-1, t, t+1 of a sweep as the three
+channels, picked the same way by the algorithm's search (`input_rows`) and by training (`temporal_rows`)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import algorithm
+from algorithm.__main__ import main as algorithm_main
+from algorithm.config import ModelConfig
+from algorithm.contract import read_stack
+from algorithm.model.checkpoint import CheckpointError, load_checkpoint, read_checkpoint_info, save_checkpoint
+from algorithm.network import load_network
+from algorithm.preprocess import input_rows, preprocess_frames
+from algorithm.search import FrameSearch
+from training.__main__ import main as training_main
+from training.data import layout
+from training.data.augment import FrameAugment
+from training.data.dataset import FrameDataset, SplitArrays, temporal_rows, to_network_input
+from training.data.prepare import prepare
+from training.data.replica import write_dataset
+from training.run.train import TrainConfig, train
+
+BUNDLED = Path(algorithm.__file__).resolve().parent / "weights" / "fetalclipseg_small_replica.safetensors"
+
+
+def as_temporal(weights: Path, out: Path) -> Path:
+    """The same weights, declared to take the temporal input."""
+    model, info = load_checkpoint(weights)
+    model.merge_lora()
+    config = dataclasses.replace(model.config, input_frames="temporal")
+    model.config = config
+    return save_checkpoint(out, model, config, "the bundled weights fed frame triplets")
+
+
+# ------------------------------------------------------------------------------------------ which frames
+def test_input_rows_take_the_neighbours_within_the_sweep_only():
+    frames = np.array([0, 3, 4, 5, 11])
+    # 12 frames, 3 sweeps: [0, 4), [4, 8), [8, 12)
+    assert input_rows(frames, 12, 3, "temporal").tolist() == [[0, 0, 1], [2, 3, 3], [4, 4, 5], [4, 5, 6],
+                                                              [10, 11, 11]]
+    assert input_rows(frames, 12, 3, "single").tolist() == frames.tolist()
+    # uneven sweeps are cut as sweep_bounds cuts them: 7 frames in 2 sweeps are [0, 4) and [4, 7)
+    assert input_rows(np.array([3, 4]), 7, 2, "temporal").tolist() == [[2, 3, 3], [4, 4, 5]]
+    with pytest.raises(ValueError, match="single or temporal"):
+        input_rows(frames, 12, 3, "rgb")
+
+
+def test_a_triplet_is_preprocessed_one_frame_per_channel():
+    rng = np.random.default_rng(0)
+    triplet = rng.integers(0, 256, (3, 30, 40), dtype=np.uint8)
+    together = preprocess_frames(triplet[None], 32)
+    for channel in range(3):
+        alone = preprocess_frames(triplet[channel][None], 32)
+        torch.testing.assert_close(together[0, channel], alone[0, channel])
+    assert not torch.equal(together[0, 0], together[0, 1])
+    with pytest.raises(ValueError, match="triplets"):
+        preprocess_frames(np.zeros((2, 2, 30, 40), np.uint8), 32)
+
+
+def test_a_checkpoint_declares_its_input_and_an_unknown_one_is_refused(tmp_path):
+    temporal = as_temporal(BUNDLED, tmp_path / "temporal.safetensors")
+    assert read_checkpoint_info(temporal).config.input_frames == "temporal"
+    assert read_checkpoint_info(BUNDLED).config.input_frames == "single"  # files written before the option
+    with safe_open(str(temporal), "pt") as handle:
+        metadata, tensors = handle.metadata(), {k: handle.get_tensor(k) for k in handle.keys()}
+    config = json.loads(metadata["model_config"])
+    config["input_frames"] = "video"
+    save_file(tensors, str(tmp_path / "bad.safetensors"), {**metadata, "model_config": json.dumps(config)})
+    with pytest.raises(CheckpointError, match="input_frames"):
+        read_checkpoint_info(tmp_path / "bad.safetensors")
+
+
+# ------------------------------------------------------------------------------------------ the search
+def test_the_search_feeds_a_temporal_network_each_frame_with_its_neighbours(tmp_path, one_torch_thread):
+    """Every frame of the stack holds its own number as grey level, so the batches the network is given say
+    which rows they were made of: the encode pass and the flip pass both see t-1, t, t+1 of t's sweep."""
+    n_frames, sweeps = 48, 6
+    stack = np.broadcast_to((np.arange(n_frames, dtype=np.uint8) + 10)[:, None, None], (n_frames, 40, 52)).copy()
+    network, _ = load_network(as_temporal(BUNDLED, tmp_path / "t.safetensors"),
+                              {"device": "cpu", "tta": "flip", "coarse_stride": 1})
+    seen: list[np.ndarray] = []
+    preprocess = network.preprocess
+
+    def recording(frames):
+        seen.append(np.asarray(frames)[..., 0, 0].astype(np.int64) - 10)
+        return preprocess(frames)
+
+    network.preprocess = recording
+    search = FrameSearch.for_network(network)
+    search(stack, network, search.frames_to_encode(stack))
+    rows = np.concatenate(seen)
+    assert rows.ndim == 2 and rows.shape[1] == 3
+    assert set(rows[:, 1]) == set(range(n_frames))  # every frame encoded ...
+    expected = input_rows(rows[:, 1], n_frames, sweeps, "temporal")
+    assert np.array_equal(rows, expected)  # ... with its own sweep's neighbours, in the flip pass too
+    assert (rows[:, 0] == rows[:, 1]).sum() >= sweeps  # a sweep's first frame stands in for its missing t-1
+
+
+def test_the_temporal_input_changes_what_the_network_says(small_case, tmp_path, one_torch_thread):
+    """The same weights, single against temporal, on a replica case: different inputs, different scores."""
+    _, release, uuid = small_case
+    stack = read_stack(layout.image_path(release, uuid)).array
+    probabilities = {}
+    for name, weights in (("single", BUNDLED), ("temporal", as_temporal(BUNDLED, tmp_path / "t.safetensors"))):
+        network, _ = load_network(weights, {"device": "cpu", "tta": "none", "coarse_stride": 1})
+        search = FrameSearch.for_network(network)
+        probabilities[name] = search(stack, network, search.frames_to_encode(stack)).scores.probabilities
+    frames = np.isfinite(probabilities["single"]).all(axis=1)
+    assert np.abs(probabilities["single"][frames] - probabilities["temporal"][frames]).max() > 1e-3
+
+
+# ------------------------------------------------------------------------------------------ training
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("temporal")
+    write_dataset(root / "release", cases=3, frames_per_sweep=8, seed=4, progress=False)
+    prepare(root / "release", root / "prepared", seed=1, all_sweeps=True, progress=False)
+    return root / "prepared"
+
+
+def test_temporal_rows_of_a_prepared_split_match_the_search_and_stay_in_their_sweep(prepared):
+    arrays = SplitArrays.open(prepared, "train")
+    index = np.asarray(arrays.index)
+    rows = temporal_rows(index)
+    for row, (case, frame, sweep) in enumerate(index):
+        neighbours = index[rows[row]]
+        assert (neighbours[:, 0] == case).all() and (neighbours[:, 2] == sweep).all()
+        # the frames the search would take in a stack of 6 sweeps of 8 frames
+        assert neighbours[:, 1].tolist() == input_rows(np.array([frame]), 48, 6, "temporal")[0].tolist()
+
+
+def test_the_dataset_gives_a_triplet_and_the_augmentation_one_draw_for_it(prepared):
+    dataset = FrameDataset(prepared, "train", input_frames="temporal")
+    arrays = SplitArrays.open(prepared, "train")
+    rows = temporal_rows(arrays.index)
+    middle = int(np.flatnonzero(rows[:, 0] != rows[:, 1])[0])
+    image, mask, label = dataset[middle]
+    assert image.shape == (3, 224, 224)
+    torch.testing.assert_close(image, to_network_input(np.asarray(arrays.images[rows[middle]]), temporal=True))
+    torch.testing.assert_close(image[1], FrameDataset(prepared, "train")[middle][0][1])
+    assert not torch.equal(image[0], image[1])
+    # one draw for the three frames: a triplet of one frame stays three equal frames, augmented
+    augment = FrameAugment(seed=7)
+    grey = np.asarray(arrays.images[middle])
+    for _ in range(10):
+        warped, _ = augment(np.stack([grey, grey, grey]), np.asarray(arrays.masks[middle]))
+        assert warped.shape == (3, 224, 224) and (warped[0] == warped[1]).all() and (warped[2] == warped[1]).all()
+    with pytest.raises(ValueError, match="input_frames"):
+        FrameDataset(prepared, "train", input_frames="video")
+
+
+def test_training_with_the_temporal_input_writes_a_checkpoint_the_algorithm_runs_as_temporal(
+        prepared, tmp_path, small_case, one_torch_thread):
+    cfg = TrainConfig(prepared=prepared, out=tmp_path / "run", config="small", fetalclip=BUNDLED, epochs=1,
+                      batch_size=4, lr=1e-3, device="cpu", precision="fp32", max_steps=2, val_max_frames=4,
+                      progress=False, input_frames="temporal")
+    summary = train(cfg)
+    weights = Path(summary["checkpoint"])
+    assert read_checkpoint_info(weights).config.input_frames == "temporal"
+    input_folder, _, _ = small_case
+    out = tmp_path / "output"
+    assert algorithm_main(["--input", str(input_folder), "--output", str(out), "--weights", str(weights),
+                           "--device", "cpu", "--quiet"]) == 0
+    result = json.loads((out / "fetalclipseg" / "result.json").read_text())
+    assert result["checkpoint"]["input_frames"] == "temporal"
+    with pytest.raises(SystemExit):
+        training_main(["train", "--prepared", str(prepared), "--out", str(tmp_path / "x"), "--input-frames", "rgb"])
