@@ -203,7 +203,7 @@ class FrameSearch:
     def describe(self) -> dict:
         return {"coarse_stride": self.coarse_stride, "lazy_decoder": self.lazy_decoder, "tta": self.tta}
 
-    def input_rows(self, stack: np.ndarray, network: "Network") -> Callable[[np.ndarray], np.ndarray]:
+    def network_rows(self, stack: np.ndarray, network: "Network") -> Callable[[np.ndarray], np.ndarray]:
         """frame numbers -> the stack rows the network's input is made of (the frames, or their triplets)."""
         input_frames = network.config.model.input_frames
         return lambda frames: input_rows(frames, len(stack), self.config.sweeps, input_frames)
@@ -256,7 +256,7 @@ class FrameSearch:
         timer = timer or StageTimer(network.device)
         size = network.batch_size
         chunks = [indices[i:i + size] for i in range(0, len(indices), size)]
-        loader = _BatchLoader(stack, chunks, self.input_rows(stack, network), pin=network.device.type == "cuda",
+        loader = _BatchLoader(stack, chunks, self.network_rows(stack, network), pin=network.device.type == "cuda",
                               prefetch=self.config.prefetch and len(chunks) > 1)
         encoded: Encoded = []  # frame-head results not yet on the host
         decoded: Decoded = []  # decoder results, likewise
@@ -362,7 +362,7 @@ class FrameSearch:
                       ) -> Iterator[tuple[np.ndarray, torch.Tensor, torch.Tensor, torch.Tensor]]:
         """Encoder and decoder on `frames` (their mirror images with `mirrored`), batch by batch: per batch the
         frames, frame-head probabilities, abdomen maps and mask fractions, on the device."""
-        rows = self.input_rows(stack, network)
+        rows = self.network_rows(stack, network)
         for start in range(0, len(frames), network.batch_size):
             chunk = frames[start:start + network.batch_size]
             pixels = stack[rows(chunk)][..., ::-1] if mirrored else stack[rows(chunk)]
