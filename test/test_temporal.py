@@ -173,3 +173,33 @@ def test_training_with_the_temporal_input_writes_a_checkpoint_the_algorithm_runs
     assert result["checkpoint"]["input_frames"] == "temporal"
     with pytest.raises(SystemExit):
         training_main(["train", "--prepared", str(prepared), "--out", str(tmp_path / "x"), "--input-frames", "rgb"])
+
+
+# ------------------------------------------------------------------------------------------ measuring it
+def test_the_levers_study_pairs_temporal_seeds_with_the_single_frame_ones(tmp_path, random_weights,
+                                                                          one_torch_thread):
+    data = tmp_path / "test"
+    write_dataset(data, cases=2, frames_per_sweep=8, seed=31, progress=False)
+    single = tmp_path / "single" / "fetalclipseg.safetensors"
+    single.parent.mkdir()
+    single.write_bytes(BUNDLED.read_bytes())
+    temporal = [as_temporal(BUNDLED, tmp_path / "t1" / "fetalclipseg.safetensors"),
+                as_temporal(random_weights, tmp_path / "t2" / "fetalclipseg.safetensors")]
+    out = tmp_path / "levers"
+    assert training_main(["levers", "--weights", str(single), "--candidate", "temporal", *map(str, temporal),
+                          "--data", str(data), "--out", str(out), "--no-flops", "--no-progress"]) == 0
+    records = [json.loads(line) for line in (out / "levers.jsonl").read_text().splitlines()]
+    summary = json.loads((out / "levers.json").read_text())
+    assert summary["weights"] == ["single"] and summary["candidates"] == {"temporal": ["t1", "t2"]}
+    by = {(r["weights"], r["case"], r["variant"]): r["score"] for r in records}
+    cases = sorted({r["case"] for r in records})
+    for row, variant in (("temporal", "baseline"), ("temporal, tta flip", "tta flip")):
+        expected = np.mean([(by[("t1", c, variant)] + by[("t2", c, variant)]) / 2 - by[("single", c, variant)]
+                            for c in cases])
+        assert summary["variants"][row]["score_difference"]["mean"] == pytest.approx(expected)
+    assert summary["verdicts"]["temporal"] in ("train with it", "option")
+    assert "| temporal |" in (out / "levers.md").read_text()
+    # a name alone, or a taken name, is a usage error
+    for bad in (["--candidate", "temporal"], ["--candidate", "tta flip", str(single)]):
+        assert training_main(["levers", "--weights", str(single), *bad, "--data", str(data), "--out",
+                              str(tmp_path / "x"), "--no-flops", "--no-progress"]) == 2

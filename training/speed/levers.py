@@ -21,7 +21,9 @@ case and variant; a second run skips what is there), `levers.md`, `levers.json` 
 `--ensemble E.safetensors` (built by `python -m training ensemble` from the `--weights`) adds the ensemble
 lever: E runs the same way, and per case its score is paired against the mean of its members' (both with
 the levers off, and both with the flip), so the difference is what averaging the members buys over running
-one of them. Its FLOP count an encoder pass per member unless the members share one.
+one of them. Its FLOP count an encoder pass per member unless the members share one. `--candidate NAME
+W1 W2 W3` does the same for a training lever: weights trained another way (one per seed, all else as the
+`--weights` were trained), their mean paired against the `--weights`' mean.
 """
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -205,30 +207,37 @@ def per_frame_gflop(config: ModelConfig) -> dict[str, float]:
 
 
 def summarise(records: Sequence[dict[str, Any]], gflop: dict[str, float] | None = None,
-              ensembles: Sequence[str] = ()) -> dict[str, Any]:
+              ensembles: Sequence[str] = (), candidates: Mapping[str, Sequence[str]] | None = None
+              ) -> dict[str, Any]:
     """Per variant: means, paired differences against the baseline with bootstrap intervals, and cost.
 
     `ensembles`: the labels of ensemble weights; each adds the rows "ensemble LABEL" (against the mean of
-    the single weights, levers off) and "ensemble LABEL, tta flip" (against their flip)."""
-    weights = sorted({r["weights"] for r in records} - set(ensembles))
+    the single weights, levers off) and "ensemble LABEL, tta flip" (against their flip). `candidates`: name
+    -> the labels of weights trained another way (a training lever, one per seed); each adds the rows NAME
+    and "NAME, tta flip", their mean against the single weights' mean likewise."""
+    candidates = {name: list(labels) for name, labels in (candidates or {}).items()}
+    others = set(ensembles) | {label for labels in candidates.values() for label in labels}
+    weights = sorted({r["weights"] for r in records} - others)
     cases = sorted({r["case"] for r in records if r["variant"] == "baseline"})
     table = {(r["weights"], r["case"], r["variant"]): r for r in records}
-    complete = [c for c in cases if all((w, c, v) in table for w in [*weights, *ensembles] for v in VARIANTS)]
-    summary: dict[str, Any] = {"weights": weights, "ensembles": list(ensembles), "cases": len(complete),
-                               "variants": {}}
+    complete = [c for c in cases if all((w, c, v) in table for w in [*weights, *others] for v in VARIANTS)]
+    summary: dict[str, Any] = {"weights": weights, "ensembles": list(ensembles), "candidates": candidates,
+                               "cases": len(complete), "variants": {}}
 
     def rows_of(labels: Sequence[str], variant: str) -> list[list[dict[str, Any]]]:
         return [[table[(w, c, variant)] for w in labels] for c in complete]
 
-    rows_to_compare = {name: (weights, name, "baseline" if name != "baseline" else None) for name in VARIANTS}
+    # row -> (the weights it averages, their variant, the single weights' variant it is paired with, tags)
+    rows_to_compare = {name: (weights, name, "baseline" if name != "baseline" else None, {}) for name in VARIANTS}
     for label in ensembles:
-        rows_to_compare[f"ensemble {label}"] = ([label], "baseline", "baseline")
-        rows_to_compare[f"ensemble {label}, tta flip"] = ([label], "tta flip", "tta flip")
-    for name, (labels, variant, against) in rows_to_compare.items():
+        for variant, suffix in (("baseline", ""), ("tta flip", ", tta flip")):
+            rows_to_compare[f"ensemble {label}{suffix}"] = ([label], variant, variant, {"ensemble": label})
+    for name, labels in candidates.items():
+        for variant, suffix in (("baseline", ""), ("tta flip", ", tta flip")):
+            rows_to_compare[f"{name}{suffix}"] = (labels, variant, variant, {"candidate": labels})
+    for name, (labels, variant, against, tags) in rows_to_compare.items():
         rows = rows_of(labels, variant)
-        entry: dict[str, Any] = {"settings": {**LEVERS_OFF, **VARIANTS[variant]}}
-        if labels != weights:
-            entry["ensemble"] = labels[0]
+        entry: dict[str, Any] = {"settings": {**LEVERS_OFF, **VARIANTS[variant]}, **tags}
         for metric in METRICS:
             per_case = np.array([np.mean([r[metric] for r in row]) for row in rows])
             entry[metric] = float(per_case.mean()) if len(per_case) else None
@@ -256,9 +265,9 @@ def summarise(records: Sequence[dict[str, Any]], gflop: dict[str, float] | None 
     for name, entry in summary["variants"].items():
         if name != "baseline":
             better = entry["score_difference"]["low"] > 0
-            # an ensemble is a choice of exported weights, not an algorithm default
-            verdicts[name] = ("export it" if better else "option") if "ensemble" in entry else \
-                ("default" if better else "option")
+            # an ensemble is a choice of exported weights, a candidate one of training: not algorithm defaults
+            verdict = "export it" if "ensemble" in entry else "train with it" if "candidate" in entry else "default"
+            verdicts[name] = verdict if better else "option"
     summary["verdicts"] = verdicts
     return summary
 
@@ -268,8 +277,11 @@ def markdown(summary: dict[str, Any]) -> str:
         return f"{d['mean']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}]"
 
     ensembles = summary.get("ensembles") or []
+    candidates = summary.get("candidates") or {}
     of_ensembles = (f"; an ensemble's rows are against the mean of the single weights with the same levers "
                     f"(ensembles: {', '.join(ensembles)})" if ensembles else "")
+    of_ensembles += "".join(f"; {name}: the mean of {', '.join(labels)} against the single weights' mean with "
+                            "the same levers" for name, labels in candidates.items())
     lines = [f"{summary['cases']} whole test cases, weights {', '.join(summary['weights'])}; differences against "
              "the baseline are per case (mean over the weights), with 95 % bootstrap intervals over cases"
              f"{of_ensembles}.\n",
@@ -327,6 +339,18 @@ def plot(summary: dict[str, Any], path: Path) -> Path:
     return save_figure(fig, path)
 
 
+def candidate_groups(groups: Sequence[Sequence[str]]) -> dict[str, list[Path]]:
+    """`--candidate NAME W [W ...]` occurrences -> {NAME: [W, ...]}."""
+    candidates: dict[str, list[Path]] = {}
+    for name, *paths in groups:
+        if not paths:
+            raise UsageError(f"--candidate {name}: give its name, then one checkpoint per seed")
+        if name in candidates or name in VARIANTS or name.startswith("ensemble "):
+            raise UsageError(f"--candidate {name}: the name is taken (a variant, an ensemble or another candidate)")
+        candidates[name] = [Path(path) for path in paths]
+    return candidates
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = CommandParser(prog="python -m training levers", description=__doc__.splitlines()[0])
     parser.add_argument("--weights", type=Path, nargs="+", required=True,
@@ -334,6 +358,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--ensemble", type=Path, nargs="+", default=[],
                         help="ensemble checkpoints of the --weights (python -m training ensemble), each compared "
                              "with the mean of the single weights (default: none)")
+    parser.add_argument("--candidate", nargs="+", action="append", default=[], metavar=("NAME", "W"),
+                        help="weights trained another way (a training lever, e.g. --input-frames temporal; one "
+                             "checkpoint per seed), named NAME; their mean is compared with the --weights' mean "
+                             "(repeatable; default: none)")
     parser.add_argument("--data", type=existing_folder, required=True,
                         help="test cases in the release layout (images, masks, circumferences.csv)")
     parser.add_argument("--out", type=Path, required=True,
@@ -353,10 +381,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def run() -> int:
-        every = [*args.weights, *args.ensemble]
+        candidates = candidate_groups(args.candidate)
+        every = [*args.weights, *args.ensemble, *(path for paths in candidates.values() for path in paths)]
         for path in every:
             if not path.is_file():
-                raise MissingInput(f"--weights/--ensemble {path}: no such file")
+                raise MissingInput(f"--weights/--ensemble/--candidate {path}: no such file")
         if args.threads:
             torch.set_num_threads(args.threads)
         records = read_journal(args.out, every) if args.summary_only else \
@@ -368,7 +397,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             model = full_size_model(args.weights)
             gflop = {**per_frame_gflop(model), "decoder": model.decoder}
         labels = weights_labels(every)
-        summary = summarise(records, gflop, ensembles=[labels[str(path)] for path in args.ensemble])
+        summary = summarise(records, gflop, ensembles=[labels[str(path)] for path in args.ensemble],
+                            candidates={name: [labels[str(path)] for path in paths]
+                                        for name, paths in candidates.items()})
         summary["gflop_per_frame_vit_l"] = gflop
         (args.out / "levers.json").write_text(json.dumps(summary, indent=2) + "\n")
         text = markdown(summary)
