@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from algorithm.config import FRAME_NONE
+from algorithm.model.checkpoint import read_checkpoint_info
 from training.data.prepare import prepare, prepare_key, prepared_matches
 from training.models.build import build_training_model, count_parameters
 from training.models.modes import SPECS, ModelOptions
@@ -505,7 +506,15 @@ def test_reproduce_under_torchrun_with_two_cpu_processes(tmp_path):
         assert len(summary["trials"]) == 5  # the paper's five trials by default
         assert all(t["world_size"] == 2 and t["steps"] <= 3 for t in summary["trials"])
         record = np.load(summary["trials"][0]["test_frames"])
+        # the frozen-encoder mode's trials become one ensemble, scored beside its best trial
+        assert ("ensemble" in entry) == (mode == "paper")
         assert np.array_equal(record["index"], np.arange(len(np.load(out / "prepared" / "test" / "labels.npy"))))
+    ensemble = results["modes"]["paper"]["ensemble"]
+    assert ensemble["members"] == 5 and Path(ensemble["out"]) == out / "paper" / "ensemble.safetensors"
+    assert read_checkpoint_info(Path(ensemble["out"])).members == 5
+    assert ensemble["challenge"]["n_cases"] == results["modes"]["paper"]["challenge"]["n_cases"]
+    assert "FetalCLIPSEG (published code), ensemble of 5 trials |" in report
+    assert "## Ensembles of the trials" in report
     assert result.stderr.count("reusing prepared data") == 0 and "prepare:" in result.stderr
     assert json.loads((out / "prepared" / "manifest.json").read_text())["key"]["all_sweeps"] is False
     # the run beside itself in `compare`: every test case the same, paired

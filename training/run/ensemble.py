@@ -21,6 +21,7 @@ from training.cli import CommandParser, MissingInput, UsageError, run_command
 from training.run.train import CHECKPOINT_NAME
 
 LAYOUTS = ("auto", "shared", "whole")
+ENSEMBLE_NAME = "ensemble.safetensors"  # what `reproduce` writes in a mode's run folder
 
 
 def member_checkpoints(source: Path) -> list[Path]:

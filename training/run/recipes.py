@@ -59,6 +59,7 @@ from training.params import (COUNT, POSITIVE, TrainConfig, add_recipe_arguments,
                              add_schedule_arguments, check_device, check_fetalclip, recipe_from_args, recipe_groups,
                              sampling_from_args, schedule_from_args)
 from training.run.distributed import DistContext, setup_distributed, shutdown
+from training.run.ensemble import ENSEMBLE_NAME, build_ensemble
 from training.run.train import CHECKPOINT_NAME, configure_logging, result_rows, summarise, train
 from training.scoring.evaluate import evaluate
 from training.scoring.evaluate_frames import markdown_table
@@ -178,6 +179,23 @@ def prepare_once(args: argparse.Namespace, prepared: Path, ctx) -> dict:
     return read_manifest(prepared)
 
 
+def trials_ensemble(args: argparse.Namespace, run: Path, manifest: dict, label: str,
+                    challenge_rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The run's trials as one ensemble checkpoint (`run`/ENSEMBLE_NAME), scored beside the single checkpoint.
+
+    Only for modes whose encoder stays as loaded: their trials share it, so the ensemble costs one encoder pass
+    plus a decoder per trial, and on the replica it beat its members (docs/levers.md)."""
+    written = build_ensemble([run], run / ENSEMBLE_NAME)
+    log.info("ensemble of the %d trials: %s (%s)", written["members"], written["out"],
+             "one shared encoder" if written["shared_encoder"] else "whole members: the encoders differ")
+    if not args.skip_cases:
+        report = challenge_score(Path(written["out"]), args.data, manifest["splits"]["test"],
+                                 run / "challenge_ensemble", args.device)
+        challenge_rows[f"{label}, ensemble of {written['members']} trials"] = report["aggregate"]
+        written["challenge"] = report["aggregate"]
+    return written
+
+
 def reproduce(args: argparse.Namespace) -> int:
     """Every step of the reproduction. Its folder holds what each step completed (prepared data, run folders,
     a stopped run's finished epochs); one this command made and that holds nothing when it stops is removed."""
@@ -234,6 +252,8 @@ def _reproduce(args: argparse.Namespace, ctx: DistContext) -> int:
                                          out / name / "challenge", args.device)
                 challenge_rows[label] = report["aggregate"]
                 entry["challenge"] = report["aggregate"]
+            if spec.frozen_encoder and len(trials) > 1:
+                entry["ensemble"] = trials_ensemble(args, out / name, manifest, label, challenge_rows)
         results["modes"][name] = entry
 
     population = ("every frame of all six sweeps (`--all-sweeps`)" if manifest.get("all_sweeps") else
@@ -256,6 +276,12 @@ def _reproduce(args: argparse.Namespace, ctx: DistContext) -> int:
         text += ["\n## Threshold of the mask-size rule (test split)\n", *sweeps]
     if challenge_rows:
         text += ["\n## Challenge metrics (whole test cases through `algorithm`)\n", challenge_table(challenge_rows)]
+    ensembles = {name: entry["ensemble"] for name, entry in results["modes"].items() if "ensemble" in entry}
+    if ensembles:
+        text += ["\n## Ensembles of the trials (`./export.sh -w` takes them as any checkpoint)\n"] + [
+            f"- {name}: `{e['out']}`, {e['members']} members, "
+            f"{'one shared encoder' if e['shared_encoder'] else 'whole members'}, "
+            f"{e['bytes'] / 2**20:.1f} MiB" for name, e in ensembles.items()]
     (out / "report.md").write_text("\n".join(text))
     (out / "reproduce.json").write_text(json.dumps(results, indent=2) + "\n")
     print("\n".join(text))
