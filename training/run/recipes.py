@@ -183,8 +183,9 @@ def trials_ensemble(args: argparse.Namespace, run: Path, manifest: dict, label: 
                     challenge_rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """The run's trials as one ensemble checkpoint (`run`/ENSEMBLE_NAME), scored beside the single checkpoint.
 
-    Only for modes whose encoder stays as loaded: their trials share it, so the ensemble costs one encoder pass
-    plus a decoder per trial, and on the replica it beat its members (docs/levers.md)."""
+    Only for modes whose encoder stays as loaded: started from the same weights (FetalCLIP) their trials share
+    it, so the ensemble costs one encoder pass plus a decoder per trial; on the replica it beat its members
+    (docs/levers.md). A randomly initialised encoder differs per trial, and the members are stored whole."""
     written = build_ensemble([run], run / ENSEMBLE_NAME)
     log.info("ensemble of the %d trials: %s (%s)", written["members"], written["out"],
              "one shared encoder" if written["shared_encoder"] else "whole members: the encoders differ")
