@@ -26,7 +26,7 @@ from training.data.augment import FrameAugment
 from training.data.dataset import FrameDataset, SplitArrays, temporal_rows, to_network_input
 from training.data.prepare import prepare
 from training.data.replica import write_dataset
-from training.run.train import TrainConfig, train
+from training.run.train import TrainConfig, Trainer, train
 
 BUNDLED = Path(algorithm.__file__).resolve().parent / "weights" / "fetalclipseg_small_replica.safetensors"
 
@@ -173,6 +173,18 @@ def test_training_with_the_temporal_input_writes_a_checkpoint_the_algorithm_runs
     assert result["checkpoint"]["input_frames"] == "temporal"
     with pytest.raises(SystemExit):
         training_main(["train", "--prepared", str(prepared), "--out", str(tmp_path / "x"), "--input-frames", "rgb"])
+
+
+def test_a_frozen_encoder_with_the_temporal_input_is_warned_about(prepared, tmp_path, caplog, one_torch_thread):
+    """paper mode never trains its encoder, whose patch embedding only ever saw grey frames: on the replica
+    the temporal input lowered its score, so the run says so; fixed mode adapts the encoder and is not warned."""
+    for mode, warned in (("paper", True), ("fixed", False)):
+        caplog.clear()
+        cfg = TrainConfig(prepared=prepared, out=tmp_path / mode, mode=mode, config="small", fetalclip=BUNDLED,
+                          device="cpu", precision="fp32", progress=False, input_frames="temporal")
+        with caplog.at_level("WARNING", logger="training"):
+            Trainer(cfg, out=tmp_path / mode)
+        assert any("--input-frames temporal with mode paper" in r.message for r in caplog.records) == warned
 
 
 # ------------------------------------------------------------------------------------------ measuring it
