@@ -53,7 +53,6 @@ class ModeSpec:
     select_on_mask: bool  # best epoch by the mask loss alone (the published model selection)
     paper_parameters: int | None  # trainable parameters the paper reports
     paper_metrics: dict[str, float | None] | None = None  # the paper's frame-level figures
-    frozen_encoder: bool = False  # every trial keeps the same encoder: its trials ensemble over one encoder
 
 
 SPECS: dict[str, ModeSpec] = {
@@ -63,8 +62,7 @@ SPECS: dict[str, ModeSpec] = {
     "paper": ModeSpec("paper", "FetalCLIPSEG (published code)",
                       "the published FetalCLIPSEG, no_grad encoder included (its LoRA never trains)", True,
                       "dice-fg", "ce", True, 4_000_000,
-                      {"f1": 0.771, "precision": 0.70, "recall": 0.86, "accuracy": None, "specificity": None},
-                      frozen_encoder=True),
+                      {"f1": 0.771, "precision": 0.70, "recall": 0.86, "accuracy": None, "specificity": None}),
     "paper-cls": ModeSpec("paper-cls", "FetalCLIPCLS (published code)",
                           "the published FetalCLIPCLS: LoRA + one linear layer, binary cross-entropy", False,
                           None, "bce", False, 2_400_000,

@@ -54,7 +54,8 @@ from training.data import layout
 from training.data.dataset import read_manifest
 from training.data.prepare import describe, prepare, prepare_key, prepared_matches
 from training.data.replica import MIN_FRAMES_PER_SWEEP, write_dataset
-from training.models.modes import FETALCLIP_MODES, FORMER_NAMES, mode_argument, parameters_table
+from training.models.modes import (FETALCLIP_MODES, FORMER_NAMES, mode_argument, model_config_for,
+                                   parameters_table)
 from training.params import (COUNT, POSITIVE, TrainConfig, add_recipe_arguments, add_sampling_arguments,
                              add_schedule_arguments, check_device, check_fetalclip, recipe_from_args, recipe_groups,
                              sampling_from_args, schedule_from_args)
@@ -179,21 +180,19 @@ def prepare_once(args: argparse.Namespace, prepared: Path, ctx) -> dict:
     return read_manifest(prepared)
 
 
-def trials_ensemble(args: argparse.Namespace, run: Path, manifest: dict, label: str,
-                    challenge_rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """The run's trials as one ensemble checkpoint (`run`/ENSEMBLE_NAME), scored beside the single checkpoint.
+def trials_ensemble(args: argparse.Namespace, run: Path, manifest: dict) -> dict[str, Any]:
+    """The run's trials as one ensemble checkpoint (`run`/ENSEMBLE_NAME), with its challenge score unless
+    `--skip-cases`.
 
-    Only for modes whose encoder stays as loaded: started from the same weights (FetalCLIP) their trials share
-    it, so the ensemble costs one encoder pass plus a decoder per trial; on the replica it beat its members
+    For modes whose encoder never trains: started from the same weights (FetalCLIP) their trials share it, so
+    the ensemble costs one encoder pass plus a decoder per trial; on the replica it beat its members
     (docs/levers.md). A randomly initialised encoder differs per trial, and the members are stored whole."""
     written = build_ensemble([run], run / ENSEMBLE_NAME)
     log.info("ensemble of the %d trials: %s (%s)", written["members"], written["out"],
              "one shared encoder" if written["shared_encoder"] else "whole members: the encoders differ")
     if not args.skip_cases:
-        report = challenge_score(Path(written["out"]), args.data, manifest["splits"]["test"],
-                                 run / "challenge_ensemble", args.device)
-        challenge_rows[f"{label}, ensemble of {written['members']} trials"] = report["aggregate"]
-        written["challenge"] = report["aggregate"]
+        written["challenge"] = challenge_score(Path(written["out"]), args.data, manifest["splits"]["test"],
+                                               run / "challenge_ensemble", args.device)["aggregate"]
     return written
 
 
@@ -253,8 +252,10 @@ def _reproduce(args: argparse.Namespace, ctx: DistContext) -> int:
                                          out / name / "challenge", args.device)
                 challenge_rows[label] = report["aggregate"]
                 entry["challenge"] = report["aggregate"]
-            if spec.frozen_encoder and len(trials) > 1:
-                entry["ensemble"] = trials_ensemble(args, out / name, manifest, label, challenge_rows)
+            if model_config_for(cfg).encoder_no_grad and len(trials) > 1:
+                entry["ensemble"] = ensemble = trials_ensemble(args, out / name, manifest)
+                if "challenge" in ensemble:
+                    challenge_rows[f"{label}, ensemble of {ensemble['members']} trials"] = ensemble["challenge"]
         results["modes"][name] = entry
 
     population = ("every frame of all six sweeps (`--all-sweeps`)" if manifest.get("all_sweeps") else

@@ -174,12 +174,12 @@ class Trainer:
         if cfg.fetalclip is None and not cfg.train_encoder and self.spec.name != "baseline" and self.ctx.main:
             log.warning("no --fetalclip weights: the encoder is random and frozen (only LoRA/decoder/head "
                         "learn); use --train-encoder for a from-scratch encoder")
-        if cfg.input_frames == "temporal" and self.spec.frozen_encoder and self.ctx.main:
+        self.model = build_training_model(cfg)
+        self.model_config = self.model.config
+        if self.model_config.input_frames == "temporal" and self.model_config.encoder_no_grad and self.ctx.main:
             log.warning("--input-frames temporal with mode %s: its encoder never trains, so it cannot learn to "
                         "read three different frames (it saw grey ones); on the replica this input lowered the "
                         "mode's frame F1 and score (docs/levers.md); mode fixed trains the encoder", self.spec.name)
-        self.model = build_training_model(cfg)
-        self.model_config = self.model.config
         if cfg.init is not None:
             load_weights(self.model, Path(cfg.init))
         self.model.to(self.ctx.device)
