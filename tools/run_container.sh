@@ -366,8 +366,11 @@ if [[ " ${APIS[*]} " == *" exec "* ]]; then
     docker run -d --name "$name" "${RESTRICTIONS[@]}" --cap-drop ALL --read-only --tmpfs /tmp \
         --volume "$CASES_DIR/normal/input:/input:ro" --volume "$out:/output" \
         --volume "$MODEL_DIR:/opt/ml/model:ro" "$IMAGE" >/dev/null
-    for _ in $(seq 600); do docker logs "$name" 2>&1 | grep -q " INFO weights " && break; sleep 0.5; done
-    docker logs "$name" 2>&1 | grep -q " INFO weights " || die "docker stop: the case did not reach its network pass"
+    # The whole log in one string: `docker logs | grep -q` under pipefail fails when grep's early exit
+    # SIGPIPEs docker logs, so a log that holds the line could read as one that does not.
+    reached_network() { [[ "$(docker logs "$name" 2>&1)" == *" INFO weights "* ]]; }
+    for _ in $(seq 600); do reached_network && break; sleep 0.5; done
+    reached_network || die "docker stop: the case did not reach its network pass"
     sleep 1
     t0="$(date +%s.%N)"
     docker stop -t 10 "$name" >/dev/null
