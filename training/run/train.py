@@ -176,7 +176,7 @@ class Trainer:
                         "learn); use --train-encoder for a from-scratch encoder")
         self.model = build_training_model(cfg)
         self.model_config = self.model.config
-        if self.model_config.input_frames == "temporal" and self.model_config.encoder_no_grad and self.ctx.main:
+        if cfg.input_frames == "temporal" and self.model_config.encoder_no_grad and self.ctx.main:
             log.warning("--input-frames temporal with mode %s: its encoder never trains, so it cannot learn to "
                         "read three different frames (it saw grey ones); on the replica this input lowered the "
                         "mode's frame F1 and score (docs/levers.md); mode fixed trains the encoder", self.spec.name)
