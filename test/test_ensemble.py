@@ -267,4 +267,10 @@ def test_the_levers_study_pairs_an_ensemble_with_the_mean_of_its_members(tmp_pat
                         for c in cases])
     assert row["score_difference"]["mean"] == pytest.approx(expected)
     assert "ensemble pair, tta flip" in summary["variants"]
+    # the flip as the ensemble's own lever: its flip paired with itself, not with the members
+    alone = summary["variants"]["ensemble pair: tta flip against it alone"]
+    assert alone["score_difference"]["mean"] == pytest.approx(
+        np.mean([by[("pair", c, "tta flip")] - by[("pair", c, "baseline")] for c in cases]))
+    assert alone["frames_decoded"] > row["frames_decoded"]
+    assert summary["verdicts"]["ensemble pair: tta flip against it alone"] in ("default", "option")
     assert "| ensemble pair |" in (out / "levers.md").read_text()

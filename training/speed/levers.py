@@ -212,7 +212,8 @@ def summarise(records: Sequence[dict[str, Any]], gflop: dict[str, float] | None 
     """Per variant: means, paired differences against the baseline with bootstrap intervals, and cost.
 
     `ensembles`: the labels of ensemble weights; each adds the rows "ensemble LABEL" (against the mean of
-    the single weights, levers off) and "ensemble LABEL, tta flip" (against their flip). `candidates`: name
+    the single weights, levers off), "ensemble LABEL, tta flip" (against their flip) and "ensemble LABEL: tta
+    flip against it alone" (the flip as a lever of the ensemble: its flip against itself). `candidates`: name
     -> the labels of weights trained another way (a training lever, one per seed); each adds the rows NAME
     and "NAME, tta flip", their mean against the single weights' mean likewise."""
     candidates = {name: list(labels) for name, labels in (candidates or {}).items()}
@@ -227,14 +228,18 @@ def summarise(records: Sequence[dict[str, Any]], gflop: dict[str, float] | None 
     def rows_of(labels: Sequence[str], variant: str) -> list[list[dict[str, Any]]]:
         return [[table[(w, c, variant)] for w in labels] for c in complete]
 
-    # row -> (the weights it averages, their variant, the single weights' variant it is paired with, tags)
-    rows_to_compare = {name: (weights, name, "baseline" if name != "baseline" else None, {}) for name in VARIANTS}
+    # row -> (the weights it averages, their variant, (the weights and variant it is paired with) or None, tags)
+    rows_to_compare = {name: (weights, name, (weights, "baseline") if name != "baseline" else None, {})
+                       for name in VARIANTS}
     for label in ensembles:
         for variant, suffix in (("baseline", ""), ("tta flip", ", tta flip")):
-            rows_to_compare[f"ensemble {label}{suffix}"] = ([label], variant, variant, {"ensemble": label})
+            rows_to_compare[f"ensemble {label}{suffix}"] = ([label], variant, (weights, variant), {"ensemble": label})
+        # the flip as a lever of the ensemble itself: what it adds once the members are averaged
+        rows_to_compare[f"ensemble {label}: tta flip against it alone"] = (
+            [label], "tta flip", ([label], "baseline"), {"lever_of": label})
     for name, labels in candidates.items():
         for variant, suffix in (("baseline", ""), ("tta flip", ", tta flip")):
-            rows_to_compare[f"{name}{suffix}"] = (labels, variant, variant, {"candidate": labels})
+            rows_to_compare[f"{name}{suffix}"] = (labels, variant, (weights, variant), {"candidate": labels})
     for name, (labels, variant, against, tags) in rows_to_compare.items():
         rows = rows_of(labels, variant)
         entry: dict[str, Any] = {"settings": {**LEVERS_OFF, **VARIANTS[variant]}, **tags}
@@ -242,7 +247,7 @@ def summarise(records: Sequence[dict[str, Any]], gflop: dict[str, float] | None 
             per_case = np.array([np.mean([r[metric] for r in row]) for row in rows])
             entry[metric] = float(per_case.mean()) if len(per_case) else None
             if against is not None:
-                base = rows_of(weights, against)
+                base = rows_of(*against)
                 diff = per_case - np.array([np.mean([r[metric] for r in row]) for row in base])
                 low, high = bootstrap_interval(diff)
                 entry[f"{metric}_difference"] = {"mean": float(diff.mean()), "low": low, "high": high,
@@ -278,7 +283,8 @@ def markdown(summary: dict[str, Any]) -> str:
 
     ensembles = summary.get("ensembles") or []
     candidates = summary.get("candidates") or {}
-    of_ensembles = (f"; an ensemble's rows are against the mean of the single weights with the same levers "
+    of_ensembles = (f"; an ensemble's rows are against the mean of the single weights with the same levers, "
+                    f"its row \"against it alone\" against the ensemble with the levers off "
                     f"(ensembles: {', '.join(ensembles)})" if ensembles else "")
     of_ensembles += "".join(f"; {name}: the mean of {', '.join(labels)} against the single weights' mean with "
                             "the same levers" for name, labels in candidates.items())
