@@ -246,6 +246,25 @@ def test_the_study_scores_every_variant_on_every_case_and_resumes(bundled, tmp_p
     assert len((out / "levers.jsonl").read_text().splitlines()) == len(records)
 
 
+def test_no_flip_skips_the_flip_pass_and_every_flip_row(bundled, tmp_path):
+    data = tmp_path / "test"
+    write_dataset(data, cases=2, frames_per_sweep=8, seed=23)
+    copy_of = tmp_path / "copy" / "fetalclipseg.safetensors"
+    copy_of.parent.mkdir()
+    copy_of.write_bytes(bundled.read_bytes())
+    out = tmp_path / "levers"
+    assert training_main(["levers", "--weights", str(bundled), "--candidate", "same", str(copy_of), "--data",
+                          str(data), "--out", str(out), "--no-flip", "--no-flops", "--no-progress"]) == 0
+    records = [json.loads(line) for line in (out / "levers.jsonl").read_text().splitlines()]
+    assert len(records) == 2 * 2 * (len(VARIANTS) - 1)
+    assert not any(r["variant"] == "tta flip" for r in records)
+    summary = json.loads((out / "levers.json").read_text())
+    assert summary["cases"] == 2
+    assert set(summary["variants"]) == (set(VARIANTS) - {"tta flip"}) | {"same"}
+    assert summary["variants"]["same"]["score_difference"]["mean"] == pytest.approx(0.0)  # the same weights
+    assert "tta flip" not in (out / "levers.md").read_text()
+
+
 def test_two_shards_split_the_cases_and_their_journals_summarise_as_one(bundled, tmp_path):
     data = tmp_path / "test"
     write_dataset(data, cases=2, frames_per_sweep=8, seed=29)
