@@ -25,7 +25,10 @@ from training.data import layout
 from training.data.augment import FrameAugment
 from training.data.dataset import FrameDataset, SplitArrays, temporal_rows, to_network_input
 from training.data.prepare import prepare
+from training.cli import UsageError
 from training.data.replica import write_dataset
+from training.models.build import build_training_model
+from training.models.modes import ModelOptions
 from training.run.train import TrainConfig, Trainer, train
 
 BUNDLED = Path(algorithm.__file__).resolve().parent / "weights" / "fetalclipseg_small_replica.safetensors"
@@ -175,16 +178,64 @@ def test_training_with_the_temporal_input_writes_a_checkpoint_the_algorithm_runs
         training_main(["train", "--prepared", str(prepared), "--out", str(tmp_path / "x"), "--input-frames", "rgb"])
 
 
-def test_a_frozen_encoder_with_the_temporal_input_is_warned_about(prepared, tmp_path, caplog, one_torch_thread):
-    """paper mode never trains its encoder, whose patch embedding only ever saw grey frames: on the replica
-    the temporal input lowered its score, so the run says so; fixed mode adapts the encoder and is not warned."""
-    for mode, warned in (("paper", True), ("fixed", False)):
+def test_a_stem_that_cannot_learn_the_temporal_input_is_warned_about(prepared, tmp_path, caplog, one_torch_thread):
+    """The patch embedding is the one layer that sees the three channels apart. paper mode never trains its
+    encoder, fixed mode's LoRA leaves the stem as pretrained on grey frames: on the replica the temporal input
+    lowered both modes' scores, so the run says so; a centred stem trains and is not warned about."""
+    for mode, stem, warned in (("paper", "pretrained", True), ("fixed", "pretrained", True),
+                               ("fixed", "centred", False)):
         caplog.clear()
         cfg = TrainConfig(prepared=prepared, out=tmp_path / mode, mode=mode, config="small", fetalclip=BUNDLED,
-                          device="cpu", precision="fp32", progress=False, input_frames="temporal")
+                          device="cpu", precision="fp32", progress=False, input_frames="temporal",
+                          temporal_stem=stem)
         with caplog.at_level("WARNING", logger="training"):
-            Trainer(cfg, out=tmp_path / mode)
-        assert any("--input-frames temporal with mode paper" in r.message for r in caplog.records) == warned
+            Trainer(cfg, out=tmp_path / f"{mode}-{stem}")
+        assert any(f"--input-frames temporal with mode {mode}" in r.message for r in caplog.records) == warned
+
+
+def test_a_centred_stem_starts_as_the_single_frame_network(one_torch_thread):
+    """Frame t alone in the centre channel, the neighbours at zero: the encoder says what it said of the grey
+    frame, to float rounding, whatever the neighbours hold; and the stem is trainable."""
+    torch.manual_seed(0)
+    single = build_training_model(ModelOptions("fixed", "small", fetalclip=BUNDLED)).eval()
+    centred = build_training_model(ModelOptions("fixed", "small", fetalclip=BUNDLED, input_frames="temporal",
+                                                temporal_stem="centred")).eval()
+    pretrained = build_training_model(ModelOptions("fixed", "small", fetalclip=BUNDLED,
+                                                   input_frames="temporal")).eval()
+    stem = centred.encoder.visual.conv1.weight
+    assert stem.requires_grad and not pretrained.encoder.visual.conv1.weight.requires_grad
+    assert stem[:, 0].abs().max() == 0 and stem[:, 2].abs().max() == 0 and stem[:, 1].abs().max() > 0
+    frames = torch.from_numpy(np.random.default_rng(3).integers(0, 256, (2, 3, 96, 128), dtype=np.uint8))
+    with torch.no_grad():
+        grey = single.encoder(preprocess_frames(frames[:, 1]))
+        for model, equal in ((centred, True), (pretrained, False)):
+            triplet = model.encoder(preprocess_frames(frames))
+            close = [torch.allclose(a, b, atol=2e-4, rtol=1e-4) for a, b in
+                     zip([*triplet.features, triplet.embedding], [*grey.features, grey.embedding])]
+            assert all(close) if equal else not any(close)
+    for bad in (dict(mode="paper", input_frames="temporal"), dict(mode="fixed", input_frames="single")):
+        with pytest.raises(UsageError, match="temporal-stem centred"):
+            build_training_model(ModelOptions(config="small", temporal_stem="centred", **bad))
+
+
+def test_training_a_centred_stem_teaches_the_neighbours_and_exports_them(prepared, tmp_path, one_torch_thread):
+    """Two steps move the neighbours' filters off zero and the export carries them; with the pretrained stem
+    the exported patch embedding is FetalCLIP's, unchanged."""
+    stems = {}
+    for stem in ("centred", "pretrained"):
+        cfg = TrainConfig(prepared=prepared, out=tmp_path / stem, config="small", fetalclip=BUNDLED, epochs=1,
+                          batch_size=4, lr=1e-3, device="cpu", precision="fp32", max_steps=2, val_max_frames=4,
+                          progress=False, input_frames="temporal", temporal_stem=stem)
+        weights = Path(train(cfg)["checkpoint"])
+        with safe_open(str(weights), "pt") as handle:
+            stems[stem] = handle.get_tensor("encoder.visual.conv1.weight")
+    with safe_open(str(BUNDLED), "pt") as handle:
+        fetalclip = handle.get_tensor("encoder.visual.conv1.weight")
+    assert stems["centred"][:, 0].abs().max() > 0 and stems["centred"][:, 2].abs().max() > 0
+    torch.testing.assert_close(stems["pretrained"], fetalclip)
+    with pytest.raises(SystemExit):
+        training_main(["train", "--prepared", str(prepared), "--out", str(tmp_path / "x"), "--input-frames",
+                       "temporal", "--temporal-stem", "zero"])
 
 
 # ------------------------------------------------------------------------------------------ measuring it

@@ -15,7 +15,7 @@ from algorithm.config import INPUT_FRAMES
 from algorithm.runtime import PRECISIONS, DeviceError, choose_precision, resolve_device
 from training.cli import CommandParser, UsageError, existing_file, number
 from training.data.dataset import prepared_folder
-from training.models.modes import FETALCLIP_MODES, FORMER_NAMES, MODES, ModelOptions, mode_argument
+from training.models.modes import FETALCLIP_MODES, FORMER_NAMES, MODES, ModelOptions, TEMPORAL_STEMS, mode_argument
 
 
 @dataclass
@@ -161,6 +161,10 @@ def add_recipe_arguments(groups: dict[str, Any]) -> None:
     model.add_argument("--input-frames", choices=list(INPUT_FRAMES), default="single",
                        help="the three input channels: the frame's grey three times (the paper's), or frames t-1, "
                             "t, t+1 of its sweep (temporal; at a sweep's border the frame itself)")
+    model.add_argument("--temporal-stem", choices=list(TEMPORAL_STEMS), default="pretrained",
+                       help="with --input-frames temporal in a mode whose encoder trains: the patch embedding as "
+                            "pretrained on grey frames and frozen, or centred: re-expressed so that the network "
+                            "starts as the single-frame one (frame t alone, the neighbours at zero) and trained")
     model.add_argument("--lora-rank", type=POSITIVE, default=8, help="LoRA rank")
     model.add_argument("--lora-alpha", type=POSITIVE, help="LoRA alpha (default: 2 x rank, 16 at rank 8: the paper's)")
     model.add_argument("--pretrained",
@@ -268,7 +272,8 @@ def recipe_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """The TrainConfig fields `add_recipe_arguments` declares."""
     fetalclip = None if args.fetalclip == NO_FETALCLIP else args.fetalclip
     return dict(config=args.config, fetalclip=fetalclip, train_encoder=args.train_encoder,
-                decoder=args.decoder, input_frames=args.input_frames, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
+                decoder=args.decoder, input_frames=args.input_frames, temporal_stem=args.temporal_stem,
+                lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
                 augment_copies=args.augment_copies, device=args.device, precision=args.precision,
                 accumulate=args.accumulate, grad_checkpointing=args.grad_checkpointing,
                 memory_budget_gib=args.memory_budget_gib, trials=args.trials, mask_ce_weight=args.mask_ce_weight,

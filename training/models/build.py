@@ -12,6 +12,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from algorithm.config import CLIP_MEAN, CLIP_STD
 from algorithm.model.fetalclipseg import build_model, effective_parameters, trainable_parameters
 from training.cli import CommandParser, number, run_command
 from training.models.baselines import build_baseline
@@ -33,6 +34,33 @@ def configure_trainable(model: nn.Module, mode: str, train_encoder: bool = False
         p.requires_grad = True
 
 
+@torch.no_grad()
+def centre_temporal_stem(visual: nn.Module) -> None:
+    """Re-express the patch embedding so that frame t alone (the centre channel) gives exactly what the grey
+    frame in all three channels gave, the neighbours nothing, and let it train.
+
+    A grey frame g enters every channel c as x_c = (g - m_c) / s_c (CLIP's mean and std), so the stem computes
+    sum_c W_c * x_c. With t alone in channel 1, (g - m_1) / s_1 = x_1, that is (sum_c W_c s_1 / s_c) * x_1
+    plus, per output channel, the constant sum_c sum(W_c) (m_1 - m_c) / s_c: the first is the new centre
+    filter, the second (the stem has no bias) is added to the patch tokens' positional embedding. The network
+    thus starts as the single-frame network, and the neighbours' filters (zero) learn what they add. A
+    pretrained stem instead reads each neighbour through a colour channel's filter it learnt on grey frames.
+    """
+    stem = visual.conv1
+    if stem.bias is not None or stem.in_channels != 3:
+        raise ValueError("expected open_clip's three-channel patch embedding without bias")
+    weight = stem.weight  # (width, 3, patch, patch)
+    mean = torch.tensor(CLIP_MEAN, dtype=weight.dtype, device=weight.device)
+    std = torch.tensor(CLIP_STD, dtype=weight.dtype, device=weight.device)
+    centre = (weight * (std[1] / std).view(1, 3, 1, 1)).sum(dim=1)
+    offset = (weight.sum(dim=(2, 3)) * ((mean[1] - mean) / std).view(1, 3)).sum(dim=1)  # (width,)
+    new = torch.zeros_like(weight)
+    new[:, 1] = centre
+    weight.copy_(new)
+    visual.positional_embedding[1:] += offset
+    stem.weight.requires_grad = True
+
+
 def build_training_model(options: ModelOptions) -> nn.Module:
     """The network of `options.mode` (a `TrainConfig` is one), with requires_grad set as that mode trains it."""
     options.validate()
@@ -40,6 +68,8 @@ def build_training_model(options: ModelOptions) -> nn.Module:
         return build_baseline(options.backbone, options.pretrained, options.adapt, options.lora_rank, options.alpha)
     model = build_model(model_config_for(options), options.fetalclip)
     configure_trainable(model, options.mode, options.train_encoder)
+    if options.temporal_stem == "centred":
+        centre_temporal_stem(model.encoder.visual)
     return model
 
 

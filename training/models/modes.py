@@ -92,6 +92,15 @@ def mode_argument(name: str) -> str:
 FORMER_NAMES = "; ".join(f"{old}: the former name of {new}" for old, new in LEGACY_MODES.items())
 
 
+# How the patch embedding starts when the input is temporal. "pretrained": as FetalCLIP trained it on grey
+# frames (three equal channels), and as frozen as the rest of the encoder; "centred": re-expressed so that
+# frame t alone gives what the grey frame gave and the neighbours nothing, then trained
+# (training.models.build.centre_temporal_stem).
+TEMPORAL_STEMS = ("pretrained", "centred")
+# The FetalCLIP modes whose encoder gets gradients (the others run it under no_grad or not at all).
+ENCODER_TRAINING_MODES = ("fixed", "paper-cls")
+
+
 @dataclass
 class ModelOptions:
     """Which network a run trains and how it starts: the mode and the choices that shape its model.
@@ -106,6 +115,7 @@ class ModelOptions:
     train_encoder: bool = False  # fixed only: all encoder weights trainable, no LoRA
     decoder: str | None = None  # fixed only: unetr | separable (None: FIXED_DECODER)
     input_frames: str = "single"  # single | temporal (ModelConfig.input_frames): FetalCLIP modes
+    temporal_stem: str = "pretrained"  # TEMPORAL_STEMS: how the patch embedding starts for the temporal input
     lora_rank: int = 8
     lora_alpha: int | None = None  # None: 2 x rank (16 at rank 8, the paper's)
     backbone: str | None = None  # baseline: a name of baselines.BASELINES, timm, or open_clip:ARCH[@TAG]
@@ -133,6 +143,13 @@ class ModelOptions:
             raise UsageError(f"input frames must be one of {INPUT_FRAMES}, got {self.input_frames!r}")
         if self.mode == "baseline" and self.input_frames != "single":
             raise UsageError("--input-frames temporal applies to the FetalCLIP modes, not to mode baseline")
+        if self.temporal_stem not in TEMPORAL_STEMS:
+            raise UsageError(f"temporal stem must be one of {TEMPORAL_STEMS}, got {self.temporal_stem!r}")
+        if self.temporal_stem == "centred" and self.input_frames != "temporal":
+            raise UsageError("--temporal-stem centred applies to --input-frames temporal")
+        if self.temporal_stem == "centred" and self.mode not in ENCODER_TRAINING_MODES:
+            raise UsageError(f"--temporal-stem centred trains the patch embedding, which mode {self.mode} never "
+                             f"trains (modes whose encoder trains: {', '.join(ENCODER_TRAINING_MODES)})")
         if self.mode == "baseline" and not self.backbone:
             raise UsageError("mode baseline needs a backbone (--backbone: a name of training.models.baselines."
                              "BASELINES or timm)")

@@ -139,6 +139,12 @@ def load_weights(model: nn.Module, path: Path) -> None:
     load_trainable_state(model, state, f"--init {path}")
 
 
+def stem_trains(model: nn.Module) -> bool:
+    """Whether the patch embedding of a FetalCLIP network gets gradients: the one layer that sees the three
+    input channels apart, so the one that can learn to read a temporal triplet."""
+    return not model.config.encoder_no_grad and model.encoder.visual.conv1.weight.requires_grad
+
+
 # ------------------------------------------------------------------------------------------ training
 
 @dataclass
@@ -176,10 +182,13 @@ class Trainer:
                         "learn); use --train-encoder for a from-scratch encoder")
         self.model = build_training_model(cfg)
         self.model_config = self.model.config
-        if cfg.input_frames == "temporal" and self.model_config.encoder_no_grad and self.ctx.main:
-            log.warning("--input-frames temporal with mode %s: its encoder never trains, so it cannot learn to "
-                        "read three different frames (it saw grey ones); on the replica this input lowered the "
-                        "mode's frame F1 and score (docs/levers.md); mode fixed trains the encoder", self.spec.name)
+        if cfg.input_frames == "temporal" and not stem_trains(self.model) and self.ctx.main:
+            why = ("its encoder never trains" if self.model_config.encoder_no_grad else
+                   "its patch embedding, the one layer that sees the channels apart, stays frozen")
+            log.warning("--input-frames temporal with mode %s: %s, so it cannot learn to read three different "
+                        "frames (it saw grey ones); on the replica this input lowered the score in modes paper and "
+                        "fixed (docs/levers.md); --temporal-stem centred (modes fixed, paper-cls) trains the patch "
+                        "embedding", self.spec.name, why)
         if cfg.init is not None:
             load_weights(self.model, Path(cfg.init))
         self.model.to(self.ctx.device)
