@@ -219,9 +219,9 @@ def test_a_centred_stem_starts_as_the_single_frame_network(one_torch_thread):
 
 
 def test_training_a_centred_stem_teaches_the_neighbours_and_exports_them(prepared, tmp_path, one_torch_thread):
-    """Two steps move the neighbours' filters off zero and the export carries them; with the pretrained stem
-    the exported patch embedding is FetalCLIP's, unchanged."""
-    stems = {}
+    """Two steps move the neighbours' filters off zero and the export carries them with the shifted positional
+    embedding; with the pretrained stem the exported patch embedding is FetalCLIP's, unchanged."""
+    stems, positions = {}, {}
     for stem in ("centred", "pretrained"):
         cfg = TrainConfig(prepared=prepared, out=tmp_path / stem, config="small", fetalclip=BUNDLED, epochs=1,
                           batch_size=4, lr=1e-3, device="cpu", precision="fp32", max_steps=2, val_max_frames=4,
@@ -229,10 +229,17 @@ def test_training_a_centred_stem_teaches_the_neighbours_and_exports_them(prepare
         weights = Path(train(cfg)["checkpoint"])
         with safe_open(str(weights), "pt") as handle:
             stems[stem] = handle.get_tensor("encoder.visual.conv1.weight")
+            positions[stem] = handle.get_tensor("encoder.visual.positional_embedding")
     with safe_open(str(BUNDLED), "pt") as handle:
         fetalclip = handle.get_tensor("encoder.visual.conv1.weight")
+        fetalclip_positions = handle.get_tensor("encoder.visual.positional_embedding")
     assert stems["centred"][:, 0].abs().max() > 0 and stems["centred"][:, 2].abs().max() > 0
     torch.testing.assert_close(stems["pretrained"], fetalclip)
+    # the stem's constant lives in the patch tokens' positions (not the class token's): without it the
+    # exported network would not be the one that trained
+    torch.testing.assert_close(positions["pretrained"], fetalclip_positions)
+    torch.testing.assert_close(positions["centred"][0], fetalclip_positions[0])
+    assert (positions["centred"][1:] - fetalclip_positions[1:]).abs().max() > 1e-3
     with pytest.raises(SystemExit):
         training_main(["train", "--prepared", str(prepared), "--out", str(tmp_path / "x"), "--input-frames",
                        "temporal", "--temporal-stem", "zero"])
